@@ -51,22 +51,30 @@ def forward_context_layer(vllm_config, name: str):
     return vllm_config.compilation_config.static_forward_context[name]
 
 
-def split_kv_cache(kv_cache: torch.Tensor, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_kv_cache(kv_cache: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (K, V) views of one layer's paged cache, both [num_blocks, block_size, kv_heads, head_dim]."""
-    if backend_name == "CPU_ATTN":
-        # [nb, kvh, bs, 2*d] is read by the kernel as [nb, kvh, 2*bs, d]: keys in rows 0..bs-1, values after
+    name = backend_name(layer)
+    if name == "CPU_ATTN":
+        # [nb, kvh, bs, 2d]: per (block, head) the key region is stored transposed ([d, bs], so a query
+        # dot-products contiguous rows) and the value region as [bs, d] (checked against transformers'
+        # K/V in tests/test_engine_lossless.py). Other ISAs pack blocks differently.
+        isa = getattr(layer, "isa", None)
+        if isa not in ("vec", "vec16"):
+            raise NotImplementedError(
+                f"vllm-gemma-mtp reads the CPU_ATTN cache layout of the 'vec'/'vec16' kernels, not {isa!r}")
         nb, kvh, bs, d2 = kv_cache.shape
-        kv = kv_cache.view(nb, kvh, 2, bs, d2 // 2)
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    if backend_name in ("TRITON_ATTN", "FLASH_ATTN", "FLASHINFER"):
-        # [nb, 2, bs, kvh, d] (K/V split on dim 1)
-        if kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
-            return kv_cache[:, 0], kv_cache[:, 1]
-        if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
-            return kv_cache[0], kv_cache[1]
+        kv = kv_cache.view(nb, kvh, 2, bs * (d2 // 2))
+        k = kv[:, :, 0].view(nb, kvh, d2 // 2, bs).permute(0, 3, 1, 2)
+        v = kv[:, :, 1].view(nb, kvh, bs, d2 // 2).transpose(1, 2)
+        return k, v
+    if name in ("TRITON_ATTN", "FLASH_ATTN") and kv_cache.dim() == 4:
+        # logical [nb, kvh, bs, d_k + d_v], split on the last dim (vLLM 0.33 triton_attn/flash_attn)
+        t = kv_cache.transpose(1, 2)
+        d = kv_cache.shape[-1] // 2
+        return t[..., :d], t[..., d:]
     raise NotImplementedError(
-        f"vllm-gemma-mtp cannot read the paged KV cache of attention backend {backend_name} "
-        f"(shape {tuple(kv_cache.shape)}); supported: CPU_ATTN, TRITON_ATTN")
+        f"vllm-gemma-mtp cannot read the paged KV cache of attention backend {name} "
+        f"(shape {tuple(kv_cache.shape)}); supported: CPU_ATTN (vec), TRITON_ATTN, FLASH_ATTN")
 
 
 def backend_name(layer) -> str:

@@ -34,7 +34,7 @@ class ProposerStats:
     rounds: int = 0
     drafted_tokens: int = 0
     propose_seconds: float = 0.0
-    # (q_pos, first_token, drafts) of the most recent rounds, for tests that replay them offline
+    # (req_ids, q_pos, first_tokens, drafts) of the most recent rounds, for tests that replay them offline
     recent: list = field(default_factory=list)
     keep_recent: int = 0
 
@@ -48,6 +48,7 @@ class GemmaMTPProposer(_Base):
 
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
+        self.runner = runner
         self.options = current_options()
         self.stats = ProposerStats()
         text = vllm_config.model_config.hf_config.get_text_config()
@@ -107,7 +108,7 @@ class GemmaMTPProposer(_Base):
         cache = layer.kv_cache
         cached = self._kv_views.get(lt)
         if cached is None or cached[0] is not cache:
-            k, v = compat.split_kv_cache(cache, compat.backend_name(layer))
+            k, v = compat.split_kv_cache(cache, layer)
             cached = (cache, k, v)
             self._kv_views[lt] = cached
         return cached[1], cached[2]
@@ -166,7 +167,8 @@ class GemmaMTPProposer(_Base):
         st.rounds += 1
         st.drafted_tokens += B * k
         if st.keep_recent:
-            st.recent.append((q_pos.tolist(), first.tolist(), drafts.tolist()))
+            req_ids = list(self.runner.input_batch.req_ids[:B]) if self.runner is not None else [None] * B
+            st.recent.append((req_ids, q_pos.tolist(), first.tolist(), drafts.tolist()))
             del st.recent[:-st.keep_recent]
         st.propose_seconds += time.perf_counter() - t0
         return drafts
