@@ -86,3 +86,11 @@ def test_drafts_match_offline_replay(pair, engine_runs, flavor):
     # vLLM's and transformers' fp32 target forwards differ by ~1e-5, which can flip a near-tie argmax in a
     # rare round; a wrong layer, block table, window or position flips nearly all of them (seen: 192/192).
     assert mismatched <= max(1, checked // 50), f"{mismatched}/{checked} draft rounds differ from the offline replay"
+
+
+def test_off_switch_falls_back_to_builtin(pair, engine_runs):
+    p = pair("31b")
+    base = engine_runs(p / "target")
+    off = engine_runs(p / "target", p / "assistant", 3, env={"VLLM_GEMMA_MTP_ENABLE": "0"})
+    assert off.drafter_class == "Gemma4Proposer"  # vLLM's built-in proposer
+    assert off.outputs == base.outputs

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-logger = logging.getLogger("vllm_gemma_mtp")
+logger = logging.getLogger("vllm.gemma_mtp")
 
 
 def vllm_version() -> tuple[int, int]:

@@ -16,7 +16,7 @@ import logging
 from vllm_gemma_mtp import __version__, compat
 from vllm_gemma_mtp import options as _options
 
-logger = logging.getLogger("vllm_gemma_mtp")
+logger = logging.getLogger("vllm.gemma_mtp")
 _installed = False
 _OPTIONS: _options.Options | None = None
 
@@ -31,14 +31,14 @@ def current_options() -> _options.Options:
 def _vllm_logger():
     from vllm.logger import init_logger
 
-    return init_logger("vllm_gemma_mtp")
+    return init_logger("vllm.gemma_mtp")
 
 
 def check_speculative_config(spec_config, target_model_config) -> None:
     """Front-end check of a Gemma 4 MTP speculative config; raises DrafterConfigError on a bad pair."""
     draft_type = getattr(getattr(spec_config, "draft_model_config", None), "hf_config", None)
     draft_type = getattr(draft_type, "model_type", None)
-    opts = current_options()
+    opts = _options.from_env()  # fresh: the front end may build several engines with different settings
     log = _vllm_logger()
     if spec_config.method != "mtp" or draft_type != "gemma4_mtp":
         return

