@@ -1,0 +1,93 @@
+"""Shared by the demo and the benchmark: start one vLLM engine per configuration, time greedy batches,
+read acceptance from vLLM's own spec-decode metrics (differences over the timed runs only)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".vllm-cache"))
+
+MODES = ("none", "builtin", "plugin")
+
+
+@dataclass
+class RunResult:
+    mode: str
+    k: int
+    batch: int
+    tokens_per_s: float  # median over the timed runs
+    tokens_per_s_all: list = field(default_factory=list)
+    mean_acceptance_length: float | None = None
+    per_position_acceptance: list | None = None
+    num_drafts: int = 0
+    outputs: list | None = None
+
+    def as_dict(self):
+        d = asdict(self)
+        d.pop("outputs")
+        return d
+
+
+def _spec_counters(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            out[m.name] = list(m.values) if hasattr(m, "values") else m.value
+    return out
+
+
+def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_seqs: int = 16,
+                 dtype: str = "float32"):
+    """mode: none | builtin (vLLM's Gemma 4 MTP proposer) | plugin. The plugin is switched per process by
+    VLLM_GEMMA_MTP_ENABLE, which the engine's worker processes read when they start."""
+    from vllm import LLM
+
+    os.environ["VLLM_GEMMA_MTP_ENABLE"] = "0" if mode == "builtin" else "1"
+    kw = dict(model=target, dtype=dtype, max_model_len=1024, enforce_eager=True, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0)
+    if mode != "none":
+        kw["speculative_config"] = {"method": "mtp", "model": assistant, "num_speculative_tokens": k}
+    return LLM(**kw)
+
+
+def stop_engine(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    del llm
+    gc.collect()
+
+
+def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: str = "none", k: int = 0,
+               progress: bool = False) -> RunResult:
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    for _ in range(warmup):
+        llm.generate(reqs, sp, use_tqdm=False)
+    before = _spec_counters(llm)
+    rates, outs = [], None
+    for _ in range(runs):
+        t = time.perf_counter()
+        res = llm.generate(reqs, sp, use_tqdm=progress)
+        dt = time.perf_counter() - t
+        n = sum(len(r.outputs[0].token_ids) for r in res)
+        rates.append(n / dt)
+        outs = [list(r.outputs[0].token_ids) for r in res]
+    after = _spec_counters(llm)
+    r = RunResult(mode, k, len(prompts), statistics.median(rates), rates, outputs=outs)
+    drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
+    if drafts:
+        acc = after["vllm:spec_decode_num_accepted_tokens"] - before.get("vllm:spec_decode_num_accepted_tokens", 0)
+        pa = after["vllm:spec_decode_num_accepted_tokens_per_pos"]
+        pb = before.get("vllm:spec_decode_num_accepted_tokens_per_pos", [0] * len(pa))
+        r.num_drafts = drafts
+        r.mean_acceptance_length = 1 + acc / drafts
+        r.per_position_acceptance = [(a - b) / drafts for a, b in zip(pa, pb)]
+    return r
