@@ -238,7 +238,7 @@ def simulate_acceptance(drafts: torch.Tensor, seq: torch.Tensor, start: int, K: 
     """Walk greedy speculative decoding over one sequence. drafts [S, K] = drafter output for a round that
     starts at position P (target hidden/KV up to P, bonus token seq[P+1]); seq = the target's greedy
     sequence. A round accepts the longest prefix with drafts[P, i] == seq[P+2+i] and emits n+1 tokens;
-    the next round starts at P + n + 1. Returns (rounds, accepted_per_round list, per-position counts)."""
+    the next round starts at P + n + 1. Returns (accepted drafts per round, per-position accept counts)."""
     S = seq.numel()
     P = start - 1  # last prompt position: its bonus token seq[start] is the first generated token
     acc_rounds, pos_acc = [], [0] * K
@@ -463,12 +463,13 @@ def drafter_state_dict(drafter, hf_template) -> dict:
 
 
 @torch.no_grad()
-def evaluate(a, target, drafter, tok, held, log_key, log):
+def evaluate(a, target, drafter, tok, held, log_key, log, q_offset: int = 1):
     """Greedy K-step drafting on held-out prompts, simulating the plugin's rounds: for each prompt, the
     target's greedy continuation is generated, the target is run once over prompt+continuation, and a
     round starting at position P uses h_P, the K/V of positions <= P (sliding: (P-W, P]), bonus token
-    seq[P+1] and q position P+1 (vllm_gemma_mtp.drafter.draft_greedy, batched over all P)."""
-    from vllm_gemma_mtp.drafter import draft_greedy
+    seq[P+1] and q position P+q_offset (vllm_gemma_mtp.drafter.draft_greedy, batched over all P).
+    q_offset=1 is the convention the drafter is trained with (transformers'); 0 is vLLM's built-in one."""
+    from vllm_gemma_mtp.drafter import FULL, SLIDING, draft_greedy
 
     g = torch.Generator().manual_seed(a.seed + 5)
     prompts = []
@@ -490,9 +491,8 @@ def evaluate(a, target, drafter, tok, held, log_key, log):
         full = (j <= starts[:, None])
         swa = full & (j > starts[:, None] - W)
         kvb = {t: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for t, (k, v) in kv.items()}
-        from vllm_gemma_mtp.drafter import FULL, SLIDING
         mask = {FULL: full[:, None, None], SLIDING: swa[:, None, None]}
-        d = draft_greedy(drafter, E, s[starts + 1], h[0, starts], starts + 1, kvb, mask, a.K)  # [n, K]
+        d = draft_greedy(drafter, E, s[starts + 1], h[0, starts], starts + q_offset, kvb, mask, a.K)  # [n, K]
         drafts = torch.zeros(S, a.K, dtype=torch.long)
         drafts[starts] = d
         r, pa = simulate_acceptance(drafts, s, a.e_prompt, a.K)
@@ -504,6 +504,7 @@ def evaluate(a, target, drafter, tok, held, log_key, log):
         "prompt_tokens": a.e_prompt,
         "new_tokens": a.e_new,
         "K": a.K,
+        "q_position": f"P+{q_offset}" if q_offset else "P",
         "rounds": nr,
         "mean_acceptance_length": round(1 + sum(rounds) / nr, 4),
         "per_position_acceptance": [round(c / nr, 4) for c in pos_acc],
@@ -534,6 +535,8 @@ def save_outputs(a, out: Path, tok, target, drafter, acfg, log):
     try:
         save_pair(tmp, target.to(dtype), assistant.to(dtype).eval(), tok)
         target.float()
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         for sub in ("target", "assistant"):
             if (out / sub).exists():
                 shutil.rmtree(out / sub)
@@ -660,10 +663,10 @@ def main():
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--t-hidden", type=int, default=128)
     ap.add_argument("--t-inter", type=int, default=512)
-    ap.add_argument("--t-steps", type=int, default=600)
-    ap.add_argument("--t-batch", type=int, default=16)
-    ap.add_argument("--t-lr", type=float, default=3e-3)
-    ap.add_argument("--t-warmup", type=int, default=30)
+    ap.add_argument("--t-steps", type=int, default=2000)
+    ap.add_argument("--t-batch", type=int, default=4)
+    ap.add_argument("--t-lr", type=float, default=1e-2)
+    ap.add_argument("--t-warmup", type=int, default=50)
     ap.add_argument("--d-hidden", type=int, default=128)
     ap.add_argument("--d-inter", type=int, default=512)
     ap.add_argument("--d-steps", type=int, default=300)
@@ -708,6 +711,8 @@ def main():
         target, drafter, tok = verify_saved(a, out, stream, log)
     with timer("eval"):  # on the saved weights, reloaded (upcast to fp32)
         evaluate(a, target, drafter, tok, held, "eval", log)
+        # for reference: the same drafter driven with vLLM's built-in query position (P instead of P+1)
+        evaluate(a, target, drafter, tok, held, "eval_qpos_P", log, q_offset=0)
     log["wall_s"] = dict(timer.t)
     log["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
     plot(log, out / "loss.png")

@@ -193,6 +193,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Single-query-block attention with Gemma 4's scale of 1.0. Written out (not SDPA) so the compiled
+    drafter traces it with a symbolic batch size; mask [B, 1, Q, S] bool, True = attend."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, kvh, gQ, S]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
+
+
 class MTPDrafter(nn.Module):
     """Gemma 4 MTP drafter. Weight names differ from the checkpoint only where merged for speed."""
 
@@ -286,7 +295,7 @@ class MTPDrafter(nn.Module):
             m = mask[L.layer_type]
             if Q > 1 and m is not None and g > 1:
                 m = m.unsqueeze(2).expand(B, 1, g, Q, m.shape[-1]).reshape(B, 1, g * Q, m.shape[-1])
-            o = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=m, scale=1.0)
+            o = attend(q, K.to(q.dtype), V.to(q.dtype), m)
             o = o.view(B, kvh, g, Q, d).permute(0, 3, 1, 2, 4).reshape(B, Q, nh * d)
             z = z + rms_norm(L.o_proj(o), L.norms[1], L.eps)
             gate, up = L.gate_up(rms_norm(z, L.norms[2], L.eps)).chunk(2, -1)

@@ -28,6 +28,9 @@ _SPEC = {
                        "RoPE position of the drafter's queries: p+1 (transformers' reference) or p (vLLM built-in)"),
     "kernels": ("KERNELS", "auto", ("auto", "triton", "torch"),
                 "auto: Triton kernels on CUDA, torch references elsewhere"),
+    "compile": ("COMPILE", "auto", ("auto", "1", "0"),
+                "torch.compile the draft round (one graph for batch 1, one for batch >= 2, built at startup): "
+                "auto = when the engine is not enforce_eager"),
     "force_v1_runner": ("FORCE_V1_RUNNER", "1", None,
                         "on vLLM >= 0.33 route Gemma 4 MTP through the V1 model runner, where the plugin's "
                         "proposer lives; 0 leaves Model Runner V2 and vLLM's built-in speculator (logged)"),
@@ -39,6 +42,7 @@ class Options:
     enabled: bool = True
     query_position: str = "p+1"
     kernels: str = "auto"
+    compile: str = "auto"
     force_v1_runner: bool = True
 
     @property

@@ -79,9 +79,44 @@ class GemmaMTPProposer(_Base):
         self.drafter.kernel_impl = "torch" if self.options.kernels == "torch" else (
             "triton" if self.options.kernels == "triton" else "auto")
         self.model = self.drafter  # the runner looks for `drafter.model` (LoRA/EPLB introspection)
+        self._draft_fn = draft_greedy
+        if self.options.compile == "1" or (self.options.compile == "auto"
+                                           and not self.vllm_config.model_config.enforce_eager):
+            self._draft_fn = self._compile_draft_round()
         logger.info("vllm-gemma-mtp %s: drafter loaded (%s head, H=%d); reads target KV of %s; options: %s",
                     __version__, "centroid" if self.drafter.spec.centroids else "dense",
                     self.drafter.spec.hidden, self._store_name, self.options.describe())
+
+    def _compile_draft_round(self):
+        """Per-op overhead dominates a small drafter on CPU (~300 tiny ops per step); inductor fuses them.
+        Compiled here, at startup, for batch 1 and a symbolic batch >= 2 (matmul specialises batch 1),
+        with a symbolic key length; later rounds hit these two graphs."""
+        t0 = time.perf_counter()
+        fn = torch.compile(draft_greedy, dynamic=True)
+        d, spec = self.drafter, self.drafter.spec
+        dt = d.pre_projection.weight.dtype
+        with torch.inference_mode():  # the runner drafts under inference mode: guards see its tensors
+            for B in (2, 1):
+                kv, mask = {}, {}
+                for lt in set(spec.layer_types):
+                    g = spec.geometry[spec.layer_types.index(lt)]
+                    S = 5 if lt == SLIDING else 7
+                    kv[lt] = tuple(torch.zeros(B, g.num_kv_heads, S, g.head_dim, dtype=dt, device=self.device)
+                                   for _ in range(2))
+                    mask[lt] = torch.ones(B, 1, 1, S, dtype=torch.bool, device=self.device)
+                    for t in (*kv[lt], mask[lt]):
+                        if B > 1:
+                            torch._dynamo.mark_dynamic(t, 0)
+                        torch._dynamo.mark_dynamic(t, 3 if t.dtype == torch.bool else 2)
+                args = [torch.zeros(B, dtype=torch.long, device=self.device),
+                        torch.zeros(B, spec.backbone, dtype=dt, device=self.device),
+                        torch.full((B,), 6, dtype=torch.long, device=self.device)]
+                if B > 1:
+                    for t in args:
+                        torch._dynamo.mark_dynamic(t, 0)
+                fn(d, self.target_embed, args[0], args[1], args[2], kv, mask, self.num_speculative_tokens)
+        logger.info("vllm-gemma-mtp: compiled the draft round in %.1f s", time.perf_counter() - t0)
+        return fn
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         for gid, group in enumerate(kv_cache_config.kv_cache_groups):
@@ -121,17 +156,21 @@ class GemmaMTPProposer(_Base):
         B = kv_len.shape[0]
         table = self._per_group_block_tables[self._store_gid[lt]][:B]
         if lt == SLIDING and self.sliding_window:
-            S = min(self.sliding_window, max_len)
+            S = max(2, min(self.sliding_window, max_len))  # >= 2: size-1 dims would specialise the graph
             pos = kv_len[:, None] - S + torch.arange(S, device=kv_len.device)
         else:
-            S = max_len
+            S = max(2, max_len)
             pos = torch.arange(S, device=kv_len.device).expand(B, S)
         valid = (pos >= 0) & (pos < kv_len[:, None])
         pos = torch.minimum(pos.clamp(min=0), (kv_len - 1)[:, None])
         blk = table.gather(1, torch.div(pos, bs, rounding_mode="floor")).long()
         off = pos % bs
-        K = k_cache[blk, off].transpose(1, 2)  # [B, S, kvh, d] -> [B, kvh, S, d]
-        V = v_cache[blk, off].transpose(1, 2)
+        # one advanced-indexing gather straight into [B, kvh, S, d] (fresh, standard strides: the compiled
+        # draft round is traced for those)
+        heads = torch.arange(k_cache.shape[2], device=blk.device)[None, :, None]
+        blk, off = blk[:, None, :], off[:, None, :]
+        K = k_cache[blk, off, heads]
+        V = v_cache[blk, off, heads]
         return (K, V), valid[:, None, None, :]
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
@@ -152,17 +191,17 @@ class GemmaMTPProposer(_Base):
         P = target_positions[idx].long()  # [B]
         kv_len = P + 1
         max_len = int(cad.max_seq_len)
-        kv, mask = {}, {}
-        for lt in self._store_name:
-            kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len)
         q_pos = P + self.options.query_offset
         first = next_token_ids[:B].long()
         probabilistic = self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy
         with torch.inference_mode():
+            kv, mask = {}, {}
+            for lt in self._store_name:
+                kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len)
             if probabilistic:
                 drafts = self._draft_probabilistic(first, hidden, q_pos, kv, mask, k, sampling_metadata)
             else:
-                drafts = draft_greedy(self.drafter, self.target_embed, first, hidden, q_pos, kv, mask, k)
+                drafts = self._draft_fn(self.drafter, self.target_embed, first, hidden, q_pos, kv, mask, k)
         st = self.stats
         st.rounds += 1
         st.drafted_tokens += B * k
