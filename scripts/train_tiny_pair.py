@@ -631,26 +631,30 @@ def plot(log, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    def smooth(c, w):
+        w = max(1, min(w, len(c)))
+        return range(w - 1, len(c)), [sum(c[i - w + 1:i + 1]) / w for i in range(w - 1, len(c))]
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     tl = log["target"]["loss_curve"]
-    ax[0].plot(tl, lw=0.6, alpha=0.5, label="per step")
-    w = 20
-    ax[0].plot(range(w - 1, len(tl)), [sum(tl[i - w + 1:i + 1]) / w for i in range(w - 1, len(tl))], label=f"mean of {w}")
-    ax[0].axhline(log["target"]["held_out_loss"], color="k", ls="--", lw=0.8, label="held-out")
+    ax[0].plot(tl, lw=0.4, alpha=0.35, label="per step")
+    ax[0].plot(*smooth(tl, 50), label="mean of 50")
+    ax[0].axhline(log["target"]["held_out_loss"], color="k", ls="--", lw=0.8, label="held-out (end)")
     ax[0].set(title="target: causal LM loss (nats/token)", xlabel="step", ylim=(0, 8))
     ax[0].legend()
+    dl = log["drafter"]["loss_curve"]
+    ax[1].plot(dl, lw=0.4, alpha=0.35, label="per step")
+    ax[1].plot(*smooth(dl, 20), label="mean of 20")
+    ax[1].set(title=f"drafter: distillation loss (sum over {len(log['drafter']['per_step_hard_ce_curve'][0])} "
+                    "draft steps)", xlabel="step", ylim=(0, None))
+    ax[1].legend()
     dc = log["drafter"]["per_step_hard_ce_curve"]
     for k in range(len(dc[0])):
-        c = [s[k] for s in dc]
-        ax[1].plot(range(w - 1, len(c)), [sum(c[i - w + 1:i + 1]) / w for i in range(w - 1, len(c))], label=f"draft step {k + 1}")
-    ax[1].set(title="drafter: CE vs target greedy token (mean of 20 steps)", xlabel="step", ylim=(0, None))
-    ax2 = ax[1].twinx()
-    dl = log["drafter"]["loss_curve"]
-    ax2.plot(dl, color="gray", lw=0.5, alpha=0.5)
-    ax2.set_ylabel("total distillation loss (gray)")
-    ax[1].legend()
+        ax[2].plot(*smooth([s[k] for s in dc], 20), label=f"draft step {k + 1}")
+    ax[2].set(title="drafter: CE vs the target's greedy token (mean of 20)", xlabel="step", ylim=(0, None))
+    ax[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -670,10 +674,10 @@ def main():
     ap.add_argument("--d-hidden", type=int, default=128)
     ap.add_argument("--d-inter", type=int, default=512)
     ap.add_argument("--d-steps", type=int, default=300)
-    ap.add_argument("--d-batch", type=int, default=8)
+    ap.add_argument("--d-batch", type=int, default=4)
     ap.add_argument("--d-lr", type=float, default=2e-3)
     ap.add_argument("--d-warmup", type=int, default=20)
-    ap.add_argument("--d-seqs", type=int, default=1024, help="greedy sequences generated for distillation")
+    ap.add_argument("--d-seqs", type=int, default=640, help="greedy sequences generated for distillation")
     ap.add_argument("--d-prompt", type=int, default=64, help="data-prompt length of those sequences")
     ap.add_argument("--d-context", type=int, default=16,
                     help="round starts trained inside the data prompt (before its last token)")

@@ -40,8 +40,11 @@ def _worker_probe(worker):
     d = getattr(r, "drafter", None)
     st = getattr(d, "stats", None)
     names = [n for g in r.kv_cache_config.kv_cache_groups for n in g.layer_names]
-    return (type(d).__name__ if d is not None else None, st.as_dict() if st is not None else None,
-            int(r.kv_cache_config.num_blocks), names)
+    stats = st.as_dict() if st is not None else None
+    rs = getattr(r, "rejection_sampler", None)
+    if stats is not None and hasattr(rs, "stats"):
+        stats["sampler"] = rs.stats()
+    return (type(d).__name__ if d is not None else None, stats, int(r.kv_cache_config.num_blocks), names)
 
 
 def _keep_recent(worker):

@@ -16,6 +16,8 @@ def test_greedy_lossless(pair, engine_runs, flavor, k):
     spec = engine_runs(p / "target", p / "assistant", k)
     assert spec.drafter_class == "GemmaMTPProposer", "the plugin's proposer did not run"
     assert spec.stats["rounds"] > 0 and spec.stats["drafted_tokens"] > 0
+    # greedy requests verify on the plugin's fused rejection sampler (its torch reference on CPU)
+    assert spec.stats["sampler"]["fused_steps"] > 0 and not spec.stats["sampler"]["fallbacks"]
     assert all(len(o) == MAX_TOKENS for o in spec.outputs)
     assert max(len(q) for q in PROMPTS) + MAX_TOKENS > 16  # past the fixtures' sliding window
     for i, (a, b) in enumerate(zip(base.outputs, spec.outputs)):

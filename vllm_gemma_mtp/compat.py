@@ -34,6 +34,18 @@ def builtin_proposer_class():
     return Gemma4Proposer
 
 
+def builtin_rejection_sampler_class():
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    return RejectionSampler
+
+
+def install_rejection_sampler(cls) -> None:
+    """The V1 runner builds `RejectionSampler(sampler, spec_config, device)` from its module globals; our
+    subclass only takes over when the speculative config is Gemma 4 MTP."""
+    v1_runner_module().RejectionSampler = cls
+
+
 def install_proposer(cls) -> None:
     """The V1 runner looks `Gemma4Proposer` up in its module globals when it builds the drafter and in
     its isinstance gates; pointing that name at our subclass routes both to it."""
@@ -110,13 +122,17 @@ def patch_spec_config_creation(hook) -> None:
     EngineArgs.create_speculative_config = create_speculative_config
 
 
-def route_gemma4_mtp_to_v1_runner(opts) -> None:
+_routing_options = None  # callable returning the plugin Options, read each time vLLM asks
+
+
+def route_gemma4_mtp_to_v1_runner(get_options) -> None:
     """vLLM >= 0.33 defaults to Model Runner V2, whose Gemma4Speculator the plugin does not replace.
-    Add Gemma 4 MTP to V2's unsupported features so vLLM falls back to the V1 runner with its own warning."""
-    if vllm_version() < (0, 33):
-        return
+    Add Gemma 4 MTP to V2's unsupported features so vLLM falls back to the V1 runner with its own warning.
+    (Harmless on 0.32, whose CPU build picks V1 anyway: no Triton CPU backend.)"""
+    global _routing_options
     from vllm.config import VllmConfig
 
+    _routing_options = get_options
     orig = getattr(VllmConfig, "_get_v2_model_runner_unsupported_features", None)
     if orig is None or getattr(orig, "_gemma_mtp_wrapped", False):
         return
@@ -125,9 +141,13 @@ def route_gemma4_mtp_to_v1_runner(opts) -> None:
         feats = orig(self, *a, **kw)
         sc = getattr(self, "speculative_config", None)
         if sc is not None and sc.use_gemma4_mtp():
+            opts = _routing_options()
+            if not opts.enabled:
+                return feats
             if opts.force_v1_runner:
                 feats = list(feats) + ["Gemma 4 MTP via vllm-gemma-mtp (V1 runner)"]
-                logger.info("vllm-gemma-mtp: routing Gemma 4 MTP to the V1 model runner")
+                logger.info("vllm-gemma-mtp: routing Gemma 4 MTP to the V1 model runner, where the plugin's "
+                            "proposer runs")
             else:
                 logger.warning("vllm-gemma-mtp: VLLM_GEMMA_MTP_FORCE_V1_RUNNER=0 - Model Runner V2 runs "
                                "vLLM's built-in Gemma4Speculator; the plugin's proposer is NOT used")

@@ -63,6 +63,8 @@ def install() -> None:
     if not opts.enabled:
         return
     from vllm_gemma_mtp.proposer import GemmaMTPProposer
+    from vllm_gemma_mtp.sampler import GemmaMTPRejectionSampler
 
     compat.install_proposer(GemmaMTPProposer)
-    compat.route_gemma4_mtp_to_v1_runner(opts)
+    compat.install_rejection_sampler(GemmaMTPRejectionSampler)
+    compat.route_gemma4_mtp_to_v1_runner(current_options)

@@ -1,0 +1,53 @@
+"""Acceptance of the plugin on the trained pair (greedy, K=4, held-out code prompts), from vLLM's metrics.
+
+    python scripts/acceptance.py            # measure and print
+    python scripts/acceptance.py --record   # write tests/assets/trained_pair/acceptance_k4.json
+
+tests/test_acceptance_regression.py re-measures this and compares it with the recorded file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
+PAIR = ROOT / "tests" / "assets" / "trained_pair"
+RECORD = PAIR / "acceptance_k4.json"
+SETTINGS = {"k": 4, "num_prompts": 8, "max_tokens": 96}
+
+
+def measure(pair: Path = PAIR, k: int = SETTINGS["k"], num_prompts: int = SETTINGS["num_prompts"],
+            max_tokens: int = SETTINGS["max_tokens"]) -> dict:
+    from transformers import AutoTokenizer
+
+    from bench import code_prompts
+    from engine_runs import start_engine, stop_engine, timed_runs
+
+    tok = AutoTokenizer.from_pretrained(pair / "target")
+    prompts = code_prompts(tok, num_prompts, tok.bos_token_id or 2)
+    llm = start_engine(str(pair / "target"), str(pair / "assistant"), "plugin", k, max_num_seqs=num_prompts)
+    try:
+        r = timed_runs(llm, prompts, max_tokens, runs=1, warmup=0, mode="plugin", k=k)
+    finally:
+        stop_engine(llm)
+    return {"mean_acceptance_length": r.mean_acceptance_length,
+            "per_position_acceptance": r.per_position_acceptance, "num_drafts": r.num_drafts, **SETTINGS}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    m = measure()
+    print(json.dumps(m, indent=1))
+    if args.record:
+        RECORD.write_text(json.dumps(m, indent=1) + "\n")
+        print("recorded", RECORD)
+
+
+if __name__ == "__main__":
+    main()
