@@ -104,7 +104,8 @@ def target_config(flavor: str, **overrides):
             hidden_size_per_layer_input=16,
             vocab_size_per_layer_input=VOCAB,
         )
-    elif base in ("31b", "allaccept"):
+    elif base in ("31b", "allaccept", "26b"):
+        # dense target with K=V global layers and fewer global kv heads; 26b adds the MoE block
         kw = dict(
             intermediate_size=128,
             num_hidden_layers=6,
@@ -116,22 +117,9 @@ def target_config(flavor: str, **overrides):
             hidden_size_per_layer_input=0,
             vocab_size_per_layer_input=0,
         )
-    elif base == "26b":
-        kw = dict(
-            intermediate_size=96,
-            num_hidden_layers=6,
-            layer_types=["sliding_attention"] * 5 + ["full_attention"],
-            num_key_value_heads=2,
-            num_global_key_value_heads=1,
-            attention_k_eq_v=True,
-            num_kv_shared_layers=0,
-            hidden_size_per_layer_input=0,
-            vocab_size_per_layer_input=0,
-            enable_moe_block=True,
-            num_experts=8,
-            top_k_experts=2,
-            moe_intermediate_size=32,
-        )
+        if base == "26b":
+            kw.update(intermediate_size=96, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                      moe_intermediate_size=32)
     else:
         raise ValueError(f"unknown fixture flavor {flavor!r}; choose from {FLAVORS}")
     common.update(kw)
