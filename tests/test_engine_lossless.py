@@ -67,23 +67,23 @@ def test_drafts_match_offline_replay(pair, engine_runs, flavor):
     W = target.config.sliding_window
     seqs = {rid: PROMPTS[i] + r.outputs[i] for i, rid in enumerate(r.request_ids)}
     checked = mismatched = 0
-    for req_ids, q_pos, first, drafts in r.stats["recent"]:
-        for rid, qp, f, d in zip(req_ids, q_pos, first, drafts):
-            seq = seqs[rid if rid in seqs else rid.rsplit("-", 1)[0]]  # vLLM may suffix internal ids
-            P = qp - 1  # default query position is P + 1
-            if P + 1 >= len(seq):
-                continue  # a round past the last emitted token (its drafts were never verified)
-            assert seq[P + 1] == f, "the first draft input must be the token emitted at P + 1"
-            with torch.no_grad():
-                out = target(torch.tensor([seq[: P + 1]]), output_hidden_states=True,
-                             return_shared_kv_states=True)
-            kv_all = out.shared_kv_states
-            kv = {SLIDING: tuple(t[:, :, -W:] for t in kv_all[SLIDING]), FULL: kv_all[FULL]}
-            mask = {SLIDING: None, FULL: None}
-            ref = draft_greedy(drafter, target.model.embed_tokens.weight, torch.tensor([f]),
-                               out.hidden_states[-1][:, -1], torch.tensor([qp]), kv, mask, len(d))
-            checked += 1
-            mismatched += ref[0].tolist() != d
+    rows = [row for rnd in r.stats["recent"] for row in zip(*rnd)]
+    for rid, qp, f, d in rows[:: max(1, len(rows) // 60)]:  # ~60 rounds spread over all requests/lengths
+        seq = seqs[rid if rid in seqs else rid.rsplit("-", 1)[0]]  # vLLM may suffix internal ids
+        P = qp - 1  # default query position is P + 1
+        if P + 1 >= len(seq):
+            continue  # a round past the last emitted token (its drafts were never verified)
+        assert seq[P + 1] == f, "the first draft input must be the token emitted at P + 1"
+        with torch.no_grad():
+            out = target(torch.tensor([seq[: P + 1]]), output_hidden_states=True,
+                         return_shared_kv_states=True)
+        kv_all = out.shared_kv_states
+        kv = {SLIDING: tuple(t[:, :, -W:] for t in kv_all[SLIDING]), FULL: kv_all[FULL]}
+        mask = {SLIDING: None, FULL: None}
+        ref = draft_greedy(drafter, target.model.embed_tokens.weight, torch.tensor([f]),
+                           out.hidden_states[-1][:, -1], torch.tensor([qp]), kv, mask, len(d))
+        checked += 1
+        mismatched += ref[0].tolist() != d
     assert checked >= 20
     # vLLM's and transformers' fp32 target forwards differ by ~1e-5, which can flip a near-tie argmax in a
     # rare round; a wrong layer, block table, window or position flips nearly all of them (seen: 192/192).
