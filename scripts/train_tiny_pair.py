@@ -530,7 +530,7 @@ def save_outputs(a, out: Path, tok, target, drafter, acfg, log):
     missing, unexpected = assistant.load_state_dict(drafter_state_dict(drafter, assistant), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"assistant state dict: missing {missing}, unexpected {unexpected}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         save_pair(tmp, target.to(dtype), assistant.to(dtype).eval(), tok)

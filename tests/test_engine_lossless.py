@@ -96,3 +96,42 @@ def test_off_switch_falls_back_to_builtin(pair, engine_runs):
     off = engine_runs(p / "target", p / "assistant", 3, env={"VLLM_GEMMA_MTP_ENABLE": "0"})
     assert off.drafter_class == "Gemma4Proposer"  # vLLM's built-in proposer
     assert off.outputs == base.outputs
+
+
+def test_random_sampling_through_fused_sampler(pair):
+    """Temperature sampling through the plugin's rejection sampler in a real engine. The all-accept pair's
+    target is uniform over the vocabulary while its drafter always proposes token 0, so a sampler that
+    accepted too often would pile mass on token 0 and a wrong recovered-token rule would skew the rest:
+    the emitted tokens must stay uniform (chi-square). Seeded requests reproduce; top-k falls back to
+    vLLM's sampler and is counted."""
+    from scipy.stats import chisquare
+    from vllm import LLM, SamplingParams
+
+    from engine_utils import KV_CACHE_BYTES, _worker_probe, shutdown
+
+    p = pair("allaccept")
+    llm = LLM(model=str(p / "target"), dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=16,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
+              speculative_config={"method": "mtp", "model": str(p / "assistant"), "num_speculative_tokens": 3})
+    try:
+        prompts = [{"prompt_token_ids": [2, 10 + i]} for i in range(32)]
+        outs = llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=200, ignore_eos=True), use_tqdm=False)
+        toks = [t for o in outs for t in o.outputs[0].token_ids[1:]]  # after the first (prefill-sampled) token
+        counts = [0] * 512
+        for t in toks:
+            counts[t] += 1
+        n = len(toks)
+        assert n == 32 * 199
+        assert counts[0] < 4 * n / 512, "draft token 0 accepted far too often"
+        assert chisquare(counts).pvalue > 1e-4
+        sp = SamplingParams(temperature=0.9, max_tokens=40, ignore_eos=True, seed=1234)
+        a = llm.generate([{"prompt_token_ids": [2, 7]}], sp, use_tqdm=False)[0].outputs[0].token_ids
+        b = llm.generate([{"prompt_token_ids": [2, 7]}] * 3, sp, use_tqdm=False)[1].outputs[0].token_ids
+        assert a == b, "a seeded request must reproduce, whatever else is in the batch"
+        llm.generate(prompts[:2], SamplingParams(temperature=1.0, top_k=5, max_tokens=20, ignore_eos=True),
+                     use_tqdm=False)
+        stats = llm.collective_rpc(_worker_probe)[0][1]["sampler"]
+        assert stats["fused_steps"] > 0
+        assert stats["fallbacks"].get("top-k/top-p", 0) > 0
+    finally:
+        shutdown(llm)

@@ -3,7 +3,7 @@
 The fused path reads the target logits once per draft position (vocabulary tiles, online softmax with
 temperature; no fp32 [tokens, V] probability tensor on CUDA). It covers greedy and plain-temperature random
 requests, mixed in one batch, with or without per-request seeds. Anything that needs a pre-pass over the
-logits - top-k/top-p, penalties, bad words, allowed-token masks, non-argmax-invariant logits processors,
+logits - top-k/top-p, penalties, bad words, allowed-token masks, min_tokens, a thinking budget,
 logprobs, dense draft probabilities, synthetic acceptance - goes through vLLM's own sampler, and each such
 step is counted (per reason) and logged once.
 """
@@ -39,8 +39,14 @@ def fallback_reason(sm, draft_probs, synthetic: bool) -> str | None:
         return "bad words"
     if sm.allowed_token_ids_mask is not None:
         return "allowed token ids"
-    if sm.logitsprocs.non_argmax_invariant:
-        return "logits processors"
+    # vLLM's rejection path applies only min-tokens among the logits processors (plus the thinking budget);
+    # the fused path must fall back exactly where those would change the logits
+    for proc in sm.logitsprocs.non_argmax_invariant:
+        if type(proc).__name__ == "MinTokensLogitsProcessor" and getattr(proc, "min_toks", None):
+            return "min_tokens"
+    holder = getattr(sm, "thinking_budget_state_holder", None)
+    if holder is not None and holder.has_tracked_requests():
+        return "thinking budget"
     return None
 
 
@@ -50,7 +56,6 @@ class GemmaMTPRejectionSampler(_Base):
         self.fused_enabled = spec_config is not None and spec_config.use_gemma4_mtp()
         self.fused_steps = 0
         self.fallbacks: Counter = Counter()
-        self._offset = 0
         from vllm_gemma_mtp.plugin import current_options
 
         opts = current_options()
@@ -74,9 +79,10 @@ class GemmaMTPRejectionSampler(_Base):
         dev = target_logits.device
         temperature = sm.temperature if sm.temperature is not None else torch.zeros(B, device=dev)
         uniforms, seeds = self._randomness(metadata, sm, B, dev)
-        self._offset += 1
+        # offset 0: every step draws fresh per-request seeds (from the request's own generator when seeded),
+        # so a global step counter would only make seeded requests depend on the engine's history
         out = rejection_sample(metadata.draft_token_ids, metadata.cu_num_draft_tokens, target_logits,
-                               bonus.view(-1), temperature.float(), uniforms, None, seeds, self._offset,
+                               bonus.view(-1), temperature.float(), uniforms, None, seeds, 0,
                                metadata.max_spec_len, impl=self.impl)
         self.fused_steps += 1
         return SamplerOutput(sampled_token_ids=out.output_token_ids.to(torch.int32), logprobs_tensors=None)
