@@ -102,8 +102,8 @@ def test_random_sampling_through_fused_sampler(pair):
     """Temperature sampling through the plugin's rejection sampler in a real engine. The all-accept pair's
     target is uniform over the vocabulary while its drafter always proposes token 0, so a sampler that
     accepted too often would pile mass on token 0 and a wrong recovered-token rule would skew the rest:
-    the emitted tokens must stay uniform (chi-square). Seeded requests reproduce; top-k falls back to
-    vLLM's sampler and is counted."""
+    the emitted tokens must stay uniform (chi-square). Seeded requests reproduce; top-k takes the counted
+    torch pre-pass (vLLM 0.32's own CPU top-k path crashes the engine here) (truncation itself: tests/test_sampler_truncation.py)."""
     from scipy.stats import chisquare
     from vllm import LLM, SamplingParams
 
@@ -128,10 +128,11 @@ def test_random_sampling_through_fused_sampler(pair):
         a = llm.generate([{"prompt_token_ids": [2, 7]}], sp, use_tqdm=False)[0].outputs[0].token_ids
         b = llm.generate([{"prompt_token_ids": [2, 7]}] * 3, sp, use_tqdm=False)[1].outputs[0].token_ids
         assert a == b, "a seeded request must reproduce, whatever else is in the batch"
-        llm.generate(prompts[:2], SamplingParams(temperature=1.0, top_k=5, max_tokens=20, ignore_eos=True),
-                     use_tqdm=False)
+        tk = llm.generate(prompts[:2], SamplingParams(temperature=1.0, top_k=5, max_tokens=20, ignore_eos=True),
+                          use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 20 for o in tk)  # the engine survived top-k
         stats = llm.collective_rpc(_worker_probe)[0][1]["sampler"]
         assert stats["fused_steps"] > 0
-        assert stats["fallbacks"].get("top-k/top-p", 0) > 0
+        assert stats["fallbacks"].get("top-k/top-p pre-pass", 0) > 0
     finally:
         shutdown(llm)

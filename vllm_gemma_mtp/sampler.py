@@ -31,8 +31,6 @@ def fallback_reason(sm, draft_probs, synthetic: bool) -> str | None:
         return "draft probabilities"
     if sm.max_num_logprobs is not None:
         return "logprobs"
-    if sm.top_k is not None or sm.top_p is not None:
-        return "top-k/top-p"
     if not sm.no_penalties:
         return "penalties"
     if sm.bad_words_token_ids:
@@ -48,6 +46,37 @@ def fallback_reason(sm, draft_probs, synthetic: bool) -> str | None:
     if holder is not None and holder.has_tracked_requests():
         return "thinking budget"
     return None
+
+
+def truncate_top_k_top_p(logits, temperature, top_k, top_p, num_draft_tokens):
+    """Random requests: logits / T restricted to the top-k tokens, then to the smallest set whose probability
+    reaches top-p (the rest -inf), returned with temperature 1; greedy requests keep raw logits and T = 0
+    (truncation never changes an argmax). logits [N, V]; temperature, top_k, top_p [B]."""
+    from vllm_gemma_mtp.kernels.rejection import GREEDY_TEMPERATURE_EPS
+
+    dev = logits.device
+    req = torch.repeat_interleave(torch.arange(len(num_draft_tokens), device=dev),
+                                  torch.tensor(num_draft_tokens, device=dev))  # [N] request of each row
+    t = temperature.float()[req]
+    rand = t >= GREEDY_TEMPERATURE_EPS
+    x = logits.float() / torch.where(rand, t, torch.ones_like(t))[:, None]
+    srt, idx = x.sort(-1, descending=True)
+    V = x.shape[-1]
+    drop = torch.zeros_like(srt, dtype=torch.bool)
+    if top_k is not None:
+        k = top_k[req].long()
+        k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+        drop |= torch.arange(V, device=dev)[None, :] >= k[:, None]
+    if top_p is not None:
+        p = torch.softmax(srt.masked_fill(drop, float("-inf")), -1)
+        before = p.cumsum(-1) - p  # mass strictly ahead of each token; the first token always stays
+        drop |= before >= top_p[req].float()[:, None]
+    srt = srt.masked_fill(drop, float("-inf"))
+    out = torch.empty_like(x).scatter_(-1, idx, srt)
+    out = torch.where(rand[:, None], out, logits.float())
+    per_req = torch.where(temperature.float() >= GREEDY_TEMPERATURE_EPS, torch.ones_like(temperature.float()),
+                          torch.zeros_like(temperature.float()))
+    return out, per_req
 
 
 class GemmaMTPRejectionSampler(_Base):
@@ -78,6 +107,12 @@ class GemmaMTPRejectionSampler(_Base):
         B = len(metadata.num_draft_tokens)
         dev = target_logits.device
         temperature = sm.temperature if sm.temperature is not None else torch.zeros(B, device=dev)
+        if (sm.top_k is not None or sm.top_p is not None) and target_logits.shape[0] > 0:
+            # top-k/top-p need a pre-pass over the logits: done here in torch (vLLM 0.32's CPU path for it
+            # crashes the engine: "max(): Expected reduction dim ..." in apply_top_k_only), counted
+            self.fallbacks["top-k/top-p pre-pass"] += 1
+            target_logits, temperature = truncate_top_k_top_p(
+                target_logits, temperature, sm.top_k, sm.top_p, metadata.num_draft_tokens)
         uniforms, seeds = self._randomness(metadata, sm, B, dev)
         # offset 0: every step draws fresh per-request seeds (from the request's own generator when seeded),
         # so a global step counter would only make seeded requests depend on the engine's history
