@@ -29,7 +29,7 @@ TRAINED = ROOT / "tests" / "assets" / "trained_pair"
 def code_prompts(tokenizer, n: int, bos: int) -> list[list[int]]:
     """Held-out standard-library code (modules the trained pair never saw), cut into prompts."""
     log = json.loads((TRAINED / "train_log.json").read_text()) if (TRAINED / "train_log.json").exists() else {}
-    held = log.get("heldout_files") or log.get("heldout") or []
+    held = log.get("corpus", {}).get("held_out_files") or []
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -658,6 +658,26 @@ def plot(log, path: Path):
     plt.close(fig)
 
 
+README = """# Trained tiny Gemma 4 pair (target + MTP assistant)
+
+Built by `scripts/train_tiny_pair.py` (offline, CPU, seeded); rebuild with
+
+    python scripts/train_tiny_pair.py            # --out tests/assets/trained_pair --seed 0 --threads 2
+
+* `target/`: transformers `Gemma4ForCausalLM` (model_type gemma4_text), 4 layers (3 sliding, window {window},
+  + 1 full), hidden {t_hidden}, head_dim 32 / global 64, tied embeddings, final_logit_softcapping 30,
+  trained on the CPython {python} standard library source; byte-level BPE tokenizer, vocab {vocab}.
+* `assistant/`: transformers `Gemma4AssistantForCausalLM` (model_type gemma4_assistant), dense head, hidden
+  {d_hidden}, distilled from the frozen target with the plugin's draft-round semantics (query position P+1,
+  K={K}).
+* Weights stored as {dtype}. `train_log.json` has the corpus file lists (held-out modules included),
+  hyper-parameters, loss curves, wall times, checks and the held-out acceptance; `loss.png` the curves.
+
+Held-out greedy drafting (K={K}, q position P+1): mean acceptance length {mal}, per-position acceptance
+{ppa}.
+"""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "tests" / "assets" / "trained_pair"))
@@ -720,6 +740,9 @@ def main():
     log["wall_s"] = dict(timer.t)
     log["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
     plot(log, out / "loss.png")
+    (out / "README.md").write_text(README.format(
+        window=a.window, t_hidden=a.t_hidden, python=platform.python_version(), vocab=VOCAB, d_hidden=a.d_hidden,
+        K=a.K, dtype=a.dtype, mal=log["eval"]["mean_acceptance_length"], ppa=log["eval"]["per_position_acceptance"]))
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(f"wrote {out} in {log['wall_s']['total']:.0f}s", flush=True)
 
