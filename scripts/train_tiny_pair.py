@@ -12,14 +12,26 @@ Offline, CPU only, seeded. Steps:
 2. Target = transformers' ``Gemma4ForCausalLM`` (3 sliding + 1 full layer, dense, softcap 30, tied
    embeddings), trained as a causal LM.
 3. Assistant = ``Gemma4AssistantForCausalLM`` geometry, trained as our plain-torch ``MTPDrafter`` by
-   distillation from the frozen target with the plugin's exact draft-round semantics (see
-   ``drafter_loss``), then written back under transformers' tensor names and saved with
-   ``save_pretrained``.
-4. Held-out evaluation of greedy K=4 drafting (mean acceptance length, per-position acceptance), and
-   consistency checks against transformers and ``load_drafter``.
+   distillation from the frozen target, then written back under transformers' tensor names and saved with
+   ``save_pretrained``. Training data = the target's own greedy continuations (192 tokens) of 64-token
+   corpus prompts, i.e. exactly the token stream the plugin drafts on under greedy decoding. One target
+   pass per batch gives h_p (post-final-norm hidden), the K/V of its last sliding / full layer
+   (``shared_kv_states``) and its next-token distributions; a draft round is then run from *every*
+   position p in parallel (``drafter_rounds``) with the plugin's semantics: step 1 embeds the token at
+   p+1 with hidden h_p, steps 2..K embed the token at p+k (teacher forcing with the target's greedy
+   continuation: a wrong draft ends the round anyway) with the drafter's own post_projection output as
+   hidden; query RoPE position p+1 for all steps; keys = positions 0..p (full layer) and (p-W, p]
+   (sliding layers). Loss (``drafter_loss``) = sum over steps of the soft cross-entropy to the target's
+   distribution at p+k plus the cross-entropy to its argmax (the token greedy verification accepts).
+4. Held-out evaluation of greedy K=4 drafting (mean acceptance length, per-position acceptance) on the
+   saved weights, and consistency checks against transformers (shared K/V recomputed from the layer
+   weights, a recurrent draft round of transformers' assistant vs ``MTPDrafter``, assisted generation)
+   and ``load_drafter``.
 
 Writes ``<out>/{target,assistant}/`` (config, generation config, bf16 safetensors, tokenizer),
-``<out>/train_log.json`` and ``<out>/loss.png``.
+``<out>/train_log.json``, ``<out>/loss.png`` and ``<out>/README.md``. Given the seed and the same
+CPython stdlib / library versions the weights are bitwise reproducible on CPU (checked: identical across
+runs and across --threads 1/2); train_log.json differs only in wall times and the thread count.
 """
 
 from __future__ import annotations
