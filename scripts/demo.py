@@ -43,8 +43,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = "trained" if (TRAINED / "assistant").exists() else "31b"
     ap.add_argument("--pair", default=default, choices=["trained", "31b", "26b", "e2b", "allaccept"])
-    ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--no-compile", action="store_true",
+                    help="draft eagerly (by default the plugin compiles its draft round at engine start, ~1 min)")
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
 
@@ -52,6 +54,7 @@ def main():
 
     from engine_runs import start_engine, stop_engine, timed_runs
 
+    os.environ["VLLM_GEMMA_MTP_COMPILE"] = "0" if args.no_compile else "1"
     pair = pair_dir(args.pair)
     prompts = prompts_for(pair, args.batch)
     results = {}
@@ -67,6 +70,7 @@ def main():
             bar.update()
     base, spec = results["none"], results["plugin"]
     print(f"\npair={args.pair} ({pair}) batch={args.batch} max_tokens={args.max_tokens} K={args.k} "
+          f"compiled draft round={not args.no_compile} "
           f"machine: {os.cpu_count()} CPU cores")
     print(f"no speculation : {base.tokens_per_s:8.1f} output tokens/s")
     print(f"vllm-gemma-mtp : {spec.tokens_per_s:8.1f} output tokens/s  ({spec.tokens_per_s / base.tokens_per_s:.2f}x)")
