@@ -15,13 +15,6 @@ import torch
 logger = logging.getLogger("vllm.gemma_mtp")
 
 
-def vllm_version() -> tuple[int, int]:
-    import vllm
-
-    parts = vllm.__version__.split(".")
-    return int(parts[0]), int(parts[1])
-
-
 def v1_runner_module():
     import vllm.v1.worker.gpu_model_runner as m
 

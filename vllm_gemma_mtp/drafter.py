@@ -396,7 +396,11 @@ def load_drafter(model: str, target_cfg, dtype=torch.float32, device="cpu") -> M
     spec = spec_from_configs(load_assistant_config(folder), target_cfg)
     drafter = MTPDrafter(spec)
     drafter.load_checkpoint_tensors(read_checkpoint(folder))
-    return drafter.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    drafter = drafter.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # RoPE frequencies stay fp32 (not module buffers, so .to(dtype) leaves them alone); move them once so a
+    # draft round on CUDA does not copy them host-to-device every time
+    drafter.inv_freq = {lt: inv.to(device) for lt, inv in drafter.inv_freq.items()}
+    return drafter
 
 
 def check_pair(model: str, target_cfg) -> DrafterSpec:
