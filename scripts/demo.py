@@ -44,32 +44,35 @@ def main():
     default = "trained" if (TRAINED / "assistant").exists() else "31b"
     ap.add_argument("--pair", default=default, choices=["trained", "31b", "26b", "e2b", "allaccept"])
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true",
                     help="draft eagerly (by default the plugin compiles its draft round at engine start, ~1 min)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs of each engine (the median is shown)")
     args = ap.parse_args()
 
     from tqdm import tqdm
 
-    from engine_runs import start_engine, stop_engine, timed_runs
+    from engine_runs import interleaved_runs, start_engine, stop_engine
 
     os.environ["VLLM_GEMMA_MTP_COMPILE"] = "0" if args.no_compile else "1"
     pair = pair_dir(args.pair)
     prompts = prompts_for(pair, args.batch)
-    results = {}
-    with tqdm(total=2, desc="engines", unit="engine") as bar:
-        for mode in ("none", "plugin"):
-            bar.set_postfix_str(mode)
-            llm = start_engine(str(pair / "target"), str(pair / "assistant"), mode, args.k)
-            try:
-                results[mode] = timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1, mode=mode,
-                                           k=args.k, progress=True)
-            finally:
-                stop_engine(llm)
-            bar.update()
+    engines = {}
+    try:
+        with tqdm(total=2, desc="starting engines", unit="engine") as bar:
+            for mode in ("none", "plugin"):
+                bar.set_postfix_str(mode)
+                engines[mode] = (start_engine(str(pair / "target"), str(pair / "assistant"), mode, args.k), args.k)
+                bar.update()
+        # both engines up, timed alternately, so the machine's drift hits both alike
+        results = interleaved_runs(engines, prompts, args.max_tokens, runs=args.runs, warmup=1)
+    finally:
+        for llm, _ in engines.values():
+            stop_engine(llm)
     base, spec = results["none"], results["plugin"]
     print(f"\npair={args.pair} ({pair}) batch={args.batch} max_tokens={args.max_tokens} K={args.k} "
+          f"median of {args.runs} alternating runs, "
           f"compiled draft round={not args.no_compile} "
           f"machine: {os.cpu_count()} CPU cores")
     print(f"no speculation : {base.tokens_per_s:8.1f} output tokens/s")

@@ -1,5 +1,9 @@
 """Shared by the demo and the benchmark: start one vLLM engine per configuration, time greedy batches,
-read acceptance from vLLM's own spec-decode metrics (differences over the timed runs only)."""
+read acceptance from vLLM's own spec-decode metrics (differences over the timed runs only).
+
+`interleaved_runs` times several engines round-robin (one run of each per round): this machine's speed
+drifts by tens of percent over minutes, and interleaving puts every mode under the same drift, so the
+ratios between modes stay honest. Idle engines cost ~2 % of a core each (measured), so they can stay up."""
 
 from __future__ import annotations
 
@@ -63,6 +67,45 @@ def stop_engine(llm) -> None:
     gc.collect()
 
 
+def _acceptance(r: RunResult, before: dict, after: dict) -> RunResult:
+    drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
+    if drafts:
+        acc = after["vllm:spec_decode_num_accepted_tokens"] - before.get("vllm:spec_decode_num_accepted_tokens", 0)
+        pa = after["vllm:spec_decode_num_accepted_tokens_per_pos"]
+        pb = before.get("vllm:spec_decode_num_accepted_tokens_per_pos", [0] * len(pa))
+        r.num_drafts = drafts
+        r.mean_acceptance_length = 1 + acc / drafts
+        r.per_position_acceptance = [(a - b) / drafts for a, b in zip(pa, pb)]
+    return r
+
+
+def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup: int = 1) -> dict:
+    """engines: {mode: (llm, k)}. Warm-up runs of each first (not counted), then `runs` rounds of one timed
+    run per engine. Returns {mode: RunResult} (median tokens/s, acceptance over all timed runs)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    for llm, _ in engines.values():
+        for _ in range(warmup):
+            llm.generate(reqs, sp, use_tqdm=False)
+    before = {m: _spec_counters(llm) for m, (llm, _) in engines.items()}
+    rates = {m: [] for m in engines}
+    outs = {}
+    for _ in range(runs):
+        for m, (llm, _) in engines.items():
+            t = time.perf_counter()
+            res = llm.generate(reqs, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
+            rates[m].append(sum(len(r.outputs[0].token_ids) for r in res) / dt)
+            outs[m] = [list(r.outputs[0].token_ids) for r in res]
+    results = {}
+    for m, (llm, k) in engines.items():
+        r = RunResult(m, k, len(prompts), statistics.median(rates[m]), rates[m], outputs=outs[m])
+        results[m] = _acceptance(r, before[m], _spec_counters(llm))
+    return results
+
+
 def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: str = "none", k: int = 0,
                progress: bool = False) -> RunResult:
     from vllm import SamplingParams
@@ -82,12 +125,4 @@ def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: 
         outs = [list(r.outputs[0].token_ids) for r in res]
     after = _spec_counters(llm)
     r = RunResult(mode, k, len(prompts), statistics.median(rates), rates, outputs=outs)
-    drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
-    if drafts:
-        acc = after["vllm:spec_decode_num_accepted_tokens"] - before.get("vllm:spec_decode_num_accepted_tokens", 0)
-        pa = after["vllm:spec_decode_num_accepted_tokens_per_pos"]
-        pb = before.get("vllm:spec_decode_num_accepted_tokens_per_pos", [0] * len(pa))
-        r.num_drafts = drafts
-        r.mean_acceptance_length = 1 + acc / drafts
-        r.per_position_acceptance = [(a - b) / drafts for a, b in zip(pa, pb)]
-    return r
+    return _acceptance(r, before, after)

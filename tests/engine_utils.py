@@ -78,7 +78,7 @@ def run_engine(target: str, assistant: str | None, k: int = 3, prompts=None, max
         if record_rounds:
             llm.collective_rpc(_keep_recent)
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in (prompts or PROMPTS)], sp, use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in (prompts or PROMPTS)], sp, use_tqdm=False)
         cls, stats, nb, names = llm.collective_rpc(_worker_probe)[0]
         return EngineResult([list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs],
                             collect_metrics(llm), cls, stats, nb, names)

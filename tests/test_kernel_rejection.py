@@ -224,6 +224,35 @@ def test_single_token_tail_tile_and_ties():
     assert tri.output_token_ids[2].tolist() == [64, int(inp["bonus_token_ids"][2]), -1]
 
 
+@pytest.mark.parametrize("B,K,V", [(1, 1, 7), (1, 4, 512), (3, 2, 65), (16, 4, 300)])
+def test_greedy_full_drafts_fast_path(B, K, V, monkeypatch):
+    """All-greedy batches with a full draft per request take the reference's short path; it must give what
+    walking the drafts one by one gives (and what the kernel gives), ties and all-accepted rows included."""
+    gen = torch.Generator().manual_seed(B * 1000 + K * 10 + V)
+    inp = _batch(gen, [K] * B, V, "peaked", [0.0] * B, False)
+    inp["target_logits"][0, :3] = inp["target_logits"][0].max() + 1.0  # a three-way tie in row 0 -> token 0
+    inp["draft_token_ids"][0] = 0
+    calls = []
+    fast = rj._greedy_full_drafts_ref
+    monkeypatch.setattr(rj, "_greedy_full_drafts_ref", lambda *a: calls.append(1) or fast(*a))
+    out, acc = rejection_sample_ref(**inp)
+    assert calls, "the all-greedy full-draft batch did not take the short path"
+    lg, d = inp["target_logits"], inp["draft_token_ids"]
+    for b in range(B):
+        want = []
+        for j in range(K):
+            t = int(lg[b * K + j].argmax())
+            want.append(t)
+            if t != int(d[b * K + j]):
+                break
+        else:
+            want.append(int(inp["bonus_token_ids"][b]))
+        assert out[b].tolist() == want + [-1] * (K + 1 - len(want)), b
+        assert int(acc[b]) == len(want) - 1
+    tri = rejection_sample(**inp, impl="triton", block_v=64)
+    assert torch.equal(tri.output_token_ids, out) and torch.equal(tri.num_accepted, acc)
+
+
 def test_requests_without_drafts():
     gen = torch.Generator().manual_seed(10)
     inp = _batch(gen, [0, 3, 0, 0], 20, "normal", [0.0, 1.0, 0.7, 0.0], True)

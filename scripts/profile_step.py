@@ -1,0 +1,145 @@
+"""Where one engine step's time goes: the engine runs in this process and the V1 runner's stages are timed.
+
+    python scripts/profile_step.py --pair allaccept --mode plugin --k 4 --batch 1
+
+Prints, per stage, calls and mean milliseconds per engine step (the stages nest: execute_model holds the
+target forward, sample_tokens holds the sampler and the draft round). Settings match scripts/bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+TIMES: dict[str, list[float]] = collections.defaultdict(list)
+
+
+def _timed(cls, name: str, label: str | None = None) -> None:
+    fn = getattr(cls, name, None)
+    if fn is None:
+        return
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            TIMES[label or name].append(time.perf_counter() - t)
+
+    setattr(cls, name, wrapper)
+
+
+def instrument() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.spec_decode.gemma4 import Gemma4Proposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _timed(EngineCore, "step", "engine step")
+    _timed(Scheduler, "schedule", "  scheduler.schedule")
+    _timed(Scheduler, "update_from_output", "  scheduler.update_from_output")
+    for name in ("execute_model", "_update_states", "_prepare_inputs", "_calc_spec_decode_metadata",
+                 "_build_attention_metadata", "_preprocess", "_model_forward", "sample_tokens", "_sample",
+                 "_update_states_after_model_execute", "propose_draft_token_ids", "_bookkeeping_sync",
+                 "_copy_draft_token_ids_to_cpu"):
+        _timed(GPUModelRunner, name, "  runner." + name)
+    for name in ("prepare_next_token_ids_padded", "prepare_inputs_padded", "propose"):
+        _timed(Gemma4Proposer, name, "    proposer." + name)
+    from vllm_gemma_mtp.proposer import GemmaMTPProposer
+
+    _timed(GemmaMTPProposer, "propose", "    proposer.propose")
+    _timed(GemmaMTPProposer, "gather_kv", "      proposer.gather_kv")
+
+
+def _install_remote(worker):
+    import profile_step  # the engine-core process finds scripts/ through PYTHONPATH, set in main()
+
+    profile_step.instrument()
+
+
+def _clear_remote(worker):
+    import profile_step
+
+    profile_step.TIMES.clear()
+
+
+def _read_remote(worker):
+    import profile_step
+
+    return dict(profile_step.TIMES)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", default="allaccept")
+    ap.add_argument("--mode", default="plugin", choices=("none", "builtin", "plugin"))
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cprofile", action="store_true", help="also print the top functions by own time")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the engine core in this process (as the bench does not: it runs it in its own)")
+    args = ap.parse_args()
+
+    if args.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:  # stages are timed inside the engine-core process, installed and read back over collective_rpc
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                 os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("VLLM_GEMMA_MTP_COMPILE", "1")
+    from bench import TRAINED, code_prompts
+    from engine_runs import start_engine, timed_runs
+    from transformers import AutoTokenizer
+
+    from vllm_gemma_mtp.fixtures import ensure_pair
+
+    d = TRAINED if args.pair == "trained" else ensure_pair(args.pair)
+    tok = AutoTokenizer.from_pretrained(d / "target")
+    prompts = (code_prompts(tok, args.batch, tok.bos_token_id or 2) if args.pair == "trained"
+               else [[2] + [(13 * i + j) % 400 + 5 for j in range(8 + i)] for i in range(args.batch)])
+    if args.in_process:
+        instrument()
+    llm = start_engine(str(d / "target"), str(d / "assistant"), args.mode, max(args.k, 1), max_num_seqs=16)
+    if not args.in_process:
+        llm.collective_rpc(_install_remote)
+    timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1)
+    if args.in_process:
+        TIMES.clear()
+    else:
+        llm.collective_rpc(_clear_remote)
+    prof = None
+    if args.cprofile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    r = timed_runs(llm, prompts, args.max_tokens, runs=args.runs, warmup=0, mode=args.mode, k=args.k)
+    if prof is not None:
+        prof.disable()
+    if not args.in_process:
+        TIMES.update(llm.collective_rpc(_read_remote)[0])
+    steps = len(TIMES["engine step"]) or 1
+    print(f"\n{args.pair} {args.mode} K={args.k} batch={args.batch}: {r.tokens_per_s:.1f} tok/s, "
+          f"MAL {r.mean_acceptance_length}, {steps} engine steps")
+    print(f"{'stage':48s} {'calls':>7s} {'ms/step':>9s}")
+    for name, ts in TIMES.items():
+        print(f"{name:48s} {len(ts):7d} {1e3 * sum(ts) / steps:9.3f}")
+    if prof is not None:
+        import pstats
+
+        st = pstats.Stats(prof); st.sort_stats("tottime").print_stats(35); st.sort_stats("cumtime").print_stats("sample|sampler|rejection|propose|prepare", 40)
+
+
+if __name__ == "__main__":
+    main()
