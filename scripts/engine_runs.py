@@ -106,23 +106,7 @@ def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup:
     return results
 
 
-def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: str = "none", k: int = 0,
-               progress: bool = False) -> RunResult:
-    from vllm import SamplingParams
-
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    reqs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
-    for _ in range(warmup):
-        llm.generate(reqs, sp, use_tqdm=False)
-    before = _spec_counters(llm)
-    rates, outs = [], None
-    for _ in range(runs):
-        t = time.perf_counter()
-        res = llm.generate(reqs, sp, use_tqdm=progress)
-        dt = time.perf_counter() - t
-        n = sum(len(r.outputs[0].token_ids) for r in res)
-        rates.append(n / dt)
-        outs = [list(r.outputs[0].token_ids) for r in res]
-    after = _spec_counters(llm)
-    r = RunResult(mode, k, len(prompts), statistics.median(rates), rates, outputs=outs)
-    return _acceptance(r, before, after)
+def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: str = "none",
+               k: int = 0) -> RunResult:
+    """One engine: `interleaved_runs` with a single entry."""
+    return interleaved_runs({mode: (llm, k)}, prompts, max_tokens, runs, warmup)[mode]

@@ -74,9 +74,7 @@ def truncate_top_k_top_p(logits, temperature, top_k, top_p, num_draft_tokens):
     srt = srt.masked_fill(drop, float("-inf"))
     out = torch.empty_like(x).scatter_(-1, idx, srt)
     out = torch.where(rand[:, None], out, logits.float())
-    per_req = torch.where(temperature.float() >= GREEDY_TEMPERATURE_EPS, torch.ones_like(temperature.float()),
-                          torch.zeros_like(temperature.float()))
-    return out, per_req
+    return out, (temperature.float() >= GREEDY_TEMPERATURE_EPS).float()
 
 
 class GemmaMTPRejectionSampler(_Base):
