@@ -136,6 +136,7 @@ def rejection_unfused_torch(draft, cu, logits, bonus, temperature, uniforms, dra
     pos = torch.arange(N, device=logits.device) - start[req]
     t = temperature[req]
     greedy = t < 1e-5
+    draft = draft.clamp(0, V - 1)  # the baseline does not reject placeholders; it only must not crash
     lf = logits.float()
     argmax = lf.argmax(-1)
     probs = torch.softmax(lf / torch.where(greedy, 1.0, t)[:, None], -1)  # [N, V] fp32
@@ -162,6 +163,21 @@ def rejection_unfused_torch(draft, cu, logits, bonus, temperature, uniforms, dra
     return out, nacc
 
 
+def draft_counts(N: int, K: int, layout: str) -> list[int]:
+    """Per-request draft counts summing to N: K each ("full"; the last request takes the remainder), or
+    "ragged" - what adaptive draft lengths and late arrivals give: K, 0, K//2, 1, K-1, 0, ... repeating."""
+    if layout == "full":
+        return [min(K, N - i) for i in range(0, N, K)]
+    pattern = [K, 0, K // 2, 1, max(K - 1, 0), 0]
+    counts, total, i = [], 0, 0
+    while total < N:
+        c = min(pattern[i % len(pattern)], N - total)
+        counts.append(c)
+        total += c
+        i += 1
+    return counts
+
+
 def bench_rejection(cfg, dev, timer, impl, progress, logits_dtype):
     from vllm_gemma_mtp.kernels.rejection import rejection_sample, rejection_sample_ref
 
@@ -169,41 +185,43 @@ def bench_rejection(cfg, dev, timer, impl, progress, logits_dtype):
     V = cfg["vocab"]
     g = torch.Generator(device=dev).manual_seed(0)
     elt = torch.tensor([], dtype=logits_dtype).element_size()
-    for N in cfg["tokens"]:
-        for K in cfg["ks"]:
-            # K drafts per request; the last request takes the remainder when K does not divide N.
-            B = -(-N // K)
-            cu = torch.clamp(torch.arange(1, B + 1, device=dev, dtype=torch.int32) * K, max=N)
-            logits = torch.randn(N, V, device=dev, generator=g) * 2.0
-            draft = torch.randint(0, V, (N,), device=dev, generator=g)
-            # Realistic acceptance: the target likes 70% of the drafts a lot.
-            liked = torch.rand(N, device=dev, generator=g) < 0.7
-            logits[torch.arange(N, device=dev)[liked], draft[liked]] += 14.0
-            logits = logits.to(logits_dtype)
-            bonus = torch.randint(0, V, (B,), device=dev, generator=g)
-            u = torch.rand(N, device=dev, generator=g)
-            seeds = torch.randint(0, 2**62, (B,), device=dev, generator=g)
-            draft_l, cu_l = draft.long(), cu.long()
-            for mode in ("greedy", "random", "random+q"):
-                temp = torch.full((B,), 0.0 if mode == "greedy" else 1.0, device=dev)
-                dp = None
-                if mode == "random+q":
-                    dp = torch.softmax(torch.randn(N, V, device=dev, generator=g), -1)
-                    dp[torch.arange(N, device=dev), draft] += 0.5
-                    dp /= dp.sum(-1, keepdim=True)
-                args = (draft, cu, logits, bonus, temp, u, dp, seeds, 7, K)
-                out = rejection_sample(*args, impl=impl)
-                ref = rejection_sample_ref(*args)
-                same_acc = bool(torch.equal(out.num_accepted, ref.num_accepted))
-                if mode == "greedy":
-                    same_acc = same_acc and bool(torch.equal(out.output_token_ids, ref.output_token_ids))
-                t_k = timer(lambda: rejection_sample(*args, impl=impl))
-                t_b = timer(lambda: rejection_unfused_torch(draft_l, cu_l, logits, bonus, temp, u, dp, g, K))
-                nbytes = N * V * elt + (N * V * 4 if dp is not None else 0) + N * 24 + B * 40
-                rows.append(dict(kernel="rejection", shape=f"{mode} K={K}", batch=B, tokens=N, ms=t_k, base_ms=t_b,
-                                 bytes=nbytes, check=f"acc={out.num_accepted.sum().item() / N:.2f}",
-                                 ok=same_acc, goal_applies=N == 256, goal_speedup=2.0, goal_peak=0.7))
-                progress.update(1)
+    for N, K, layout in [(n, k, lay) for n in cfg["tokens"] for k in cfg["ks"] for lay in ("full", "ragged")]:
+        counts = draft_counts(N, K, layout)
+        B = len(counts)
+        cu = torch.tensor(counts, device=dev, dtype=torch.int32).cumsum(0).to(torch.int32)
+        logits = torch.randn(N, V, device=dev, generator=g) * 2.0
+        draft = torch.randint(0, V, (N,), device=dev, generator=g)
+        # Realistic acceptance: the target likes 70% of the drafts a lot.
+        liked = torch.rand(N, device=dev, generator=g) < 0.7
+        logits[torch.arange(N, device=dev)[liked], draft[liked]] += 14.0
+        if layout == "ragged":  # grammar-rejected drafts arrive as -1 placeholders
+            draft[torch.rand(N, device=dev, generator=g) < 0.05] = -1
+        logits = logits.to(logits_dtype)
+        bonus = torch.randint(0, V, (B,), device=dev, generator=g)
+        u = torch.rand(N, device=dev, generator=g)
+        seeds = torch.randint(0, 2**62, (B,), device=dev, generator=g)
+        draft_l, cu_l = draft.long(), cu.long()
+        for mode in ("greedy", "random", "random+q"):
+            temp = torch.full((B,), 0.0 if mode == "greedy" else 1.0, device=dev)
+            dp = None
+            if mode == "random+q":
+                dp = torch.softmax(torch.randn(N, V, device=dev, generator=g), -1)
+                dp[torch.arange(N, device=dev), draft] += 0.5
+                dp /= dp.sum(-1, keepdim=True)
+            args = (draft, cu, logits, bonus, temp, u, dp, seeds, 7, K)
+            hint = dict(all_greedy=mode == "greedy")  # what the sampler knows on the host
+            out = rejection_sample(*args, impl=impl, **hint)
+            ref = rejection_sample_ref(*args, **hint)
+            same_acc = bool(torch.equal(out.num_accepted, ref.num_accepted))
+            if mode == "greedy":
+                same_acc = same_acc and bool(torch.equal(out.output_token_ids, ref.output_token_ids))
+            t_k = timer(lambda: rejection_sample(*args, impl=impl, **hint))
+            t_b = timer(lambda: rejection_unfused_torch(draft_l, cu_l, logits, bonus, temp, u, dp, g, K))
+            nbytes = N * V * elt + (N * V * 4 if dp is not None else 0) + N * 24 + B * 40
+            rows.append(dict(kernel="rejection", shape=f"{mode} K={K} {layout}", batch=B, tokens=N, ms=t_k, base_ms=t_b,
+                             bytes=nbytes, check=f"acc={out.num_accepted.sum().item() / N:.2f}",
+                             ok=same_acc, goal_applies=N == 256, goal_speedup=2.0, goal_peak=0.7))
+            progress.update(1)
     return rows
 
 
@@ -316,6 +334,7 @@ def main(argv=None):
     ap.add_argument("--ks", nargs="+", type=int, help="draft lengths for the rejection sampler (default 1..8)")
     ap.add_argument("--target-hidden", nargs="+", type=int)
     ap.add_argument("--drafter-hidden", nargs="+", type=int)
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default 262144; 512 with --dry-run)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--logits-dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--peak-gbps", type=float, help="peak memory bandwidth, if the device is not in the built-in table")
@@ -331,7 +350,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     cfg = dict(DRY if args.dry_run else GEMMA)
-    for key in ("tokens", "ks", "target_hidden", "drafter_hidden"):
+    for key in ("tokens", "ks", "target_hidden", "drafter_hidden", "vocab"):
         if getattr(args, key):
             cfg[key] = getattr(args, key)
     dev = torch.device("cpu" if args.dry_run else "cuda")
@@ -346,7 +365,7 @@ def main(argv=None):
     if "input_proj" in args.kernels:
         total += len(cfg["target_hidden"]) * len(cfg["drafter_hidden"]) * len(cfg["tokens"])
     if "rejection" in args.kernels:
-        total += len(cfg["tokens"]) * len(cfg["ks"]) * 3
+        total += len(cfg["tokens"]) * len(cfg["ks"]) * 3 * 2
     if "centroid" in args.kernels:
         total += len(cfg["drafter_hidden"]) * len(cfg["tokens"])
     rows = []
