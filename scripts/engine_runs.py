@@ -46,11 +46,13 @@ def _spec_counters(llm) -> dict:
 
 def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_seqs: int = 16,
                  dtype: str = "float32"):
-    """mode: none | builtin (vLLM's Gemma 4 MTP proposer) | plugin. The plugin is switched per process by
-    VLLM_GEMMA_MTP_ENABLE, which the engine's worker processes read when they start."""
+    """mode: none | builtin (vLLM's Gemma 4 MTP proposer) | plugin (fixed K) | adaptive (the plugin's default:
+    per-request draft lengths). The plugin is switched per process by VLLM_GEMMA_MTP_ENABLE and
+    VLLM_GEMMA_MTP_ADAPTIVE, which the engine's worker processes read when they start."""
     from vllm import LLM
 
     os.environ["VLLM_GEMMA_MTP_ENABLE"] = "0" if mode == "builtin" else "1"
+    os.environ["VLLM_GEMMA_MTP_ADAPTIVE"] = "1" if mode == "adaptive" else "0"
     kw = dict(model=target, dtype=dtype, max_model_len=1024, enforce_eager=True, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0)
     if mode != "none":

@@ -3,7 +3,8 @@
 `VLLM_GEMMA_MTP_COMPILE=auto` compiles whenever the engine is not enforce_eager, i.e. for most users, and
 the benchmark runs it; the other engine tests run the eager round. On the trained pair most drafts are
 accepted, so a compiled round that drafted differently would show in the acceptance, and a wrong
-verification in the output."""
+verification in the output. The engine runs adaptive speculation (the default), whose draft lengths vary:
+the acceptance compared is that of the first draft position, which every draft has."""
 
 import json
 import sys
@@ -30,6 +31,8 @@ def test_compiled_round_is_lossless_and_keeps_acceptance(engine_runs):
         assert a == b, f"prompt {i}: output with the compiled draft round differs from the target alone"
     m = spec.metrics
     drafts = m["vllm:spec_decode_num_drafts"]
-    mal = 1 + m["vllm:spec_decode_num_accepted_tokens"] / drafts
-    rec = json.loads(RECORD.read_text())  # recorded with the eager round, same prompts and settings
-    assert abs(mal - rec["mean_acceptance_length"]) <= 0.05 * rec["mean_acceptance_length"], (mal, rec)
+    first = m["vllm:spec_decode_num_accepted_tokens_per_pos"][0] / drafts
+    rec = json.loads(RECORD.read_text())  # recorded with the eager round at fixed K, same prompts
+    want = rec["per_position_acceptance"][0]
+    assert abs(first - want) <= 0.05 * want, (first, rec)
+    assert spec.stats["policy"] is not None and spec.stats["decisions"].get("policy", 0) > 0

@@ -22,14 +22,15 @@ def test_greedy_lossless(pair, engine_runs, flavor, k):
     assert max(len(q) for q in PROMPTS) + MAX_TOKENS > 16  # past the fixtures' sliding window
     for i, (a, b) in enumerate(zip(base.outputs, spec.outputs)):
         assert a == b, f"prompt {i}: speculative output differs from the target alone"
-    # vLLM's own counters saw our drafts
-    assert spec.metrics["vllm:spec_decode_num_draft_tokens"] == spec.metrics["vllm:spec_decode_num_drafts"] * k
+    # vLLM's own counters saw our drafts; adaptive speculation (the default) drafts at most K per request
+    m = spec.metrics
+    assert 0 < m["vllm:spec_decode_num_draft_tokens"] <= m["vllm:spec_decode_num_drafts"] * k
 
 
 def test_allaccept_reports_full_acceptance(pair, engine_runs):
     p = pair("allaccept")
     k = 3
-    r = engine_runs(p / "target", p / "assistant", k)
+    r = engine_runs(p / "target", p / "assistant", k, env={"VLLM_GEMMA_MTP_ADAPTIVE": "0"})  # fixed K
     assert r.drafter_class == "GemmaMTPProposer"
     assert all(o == [0] * MAX_TOKENS for o in r.outputs)
     m = r.metrics
@@ -68,7 +69,7 @@ def test_drafts_match_offline_replay(pair, engine_runs, flavor):
     seqs = {rid: PROMPTS[i] + r.outputs[i] for i, rid in enumerate(r.request_ids)}
     checked = mismatched = 0
     rows = [row for rnd in r.stats["recent"] for row in zip(*rnd)]
-    for rid, qp, f, d in rows[:: max(1, len(rows) // 60)]:  # ~60 rounds spread over all requests/lengths
+    for rid, qp, f, d, _ in rows[:: max(1, len(rows) // 60)]:  # ~60 rounds spread over all requests/lengths
         seq = seqs[rid if rid in seqs else rid.rsplit("-", 1)[0]]  # vLLM may suffix internal ids
         P = qp - 1  # default query position is P + 1
         if P + 1 >= len(seq):

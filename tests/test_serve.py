@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -59,6 +60,27 @@ def test_serve_completions_and_metrics(pair, tmp_path):
             assert name in metrics, name
         drafts = [ln for ln in metrics.splitlines() if ln.startswith("vllm:spec_decode_num_drafts_total")]
         assert drafts and float(drafts[0].split()[-1]) > 0
+        # per-request controls through vllm_xargs: a bad value is that request's HTTP 400, naming the key;
+        # the engine serves on, and a good value is honoured
+        for xargs, msg in (({"gemma_mtp_max_draft_tokens": -2}, "gemma_mtp_max_draft_tokens"),
+                           ({"gemma_mtp_speculate": "off"}, "gemma_mtp_speculate"),
+                           ({"gemma_mtp_draft": 1}, "unknown vllm-gemma-mtp request option")):
+            bad = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 4, "vllm_xargs": xargs}).encode())
+            try:
+                urllib.request.urlopen(bad, timeout=60)
+                raise AssertionError(f"vllm_xargs {xargs} was accepted")
+            except urllib.error.HTTPError as e:
+                assert e.code == 400, (e.code, xargs)
+                assert msg in e.read().decode(), xargs
+        good = json.dumps({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
+                           "ignore_eos": True, "vllm_xargs": {"gemma_mtp_speculate": False}}).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", data=good,
+                headers={"Content-Type": "application/json"}), timeout=120) as r:
+            off = json.loads(r.read())
+        assert off["choices"][0]["text"] == out["choices"][0]["text"]  # greedy: the same text, speculation off
         text = Path(log).read_text()
         assert "vllm-gemma-mtp 0.1.0 active" in text
         assert "vllm-gemma-mtp 0.1.0: drafter loaded" in text  # the worker built our proposer

@@ -49,6 +49,42 @@ def spec_decode_logprobs(sampler, max_num_logprobs, spec_metadata, logits, targe
                                          output_token_ids)
 
 
+def patch_request_validation(validate) -> None:
+    """Run validate(extra_args) inside vLLM's own SamplingParams validation (0.32/0.33:
+    `SamplingParams._verify_extra_args`, called when extra_args is set), re-raised as vLLM's validation
+    error so the OpenAI server answers HTTP 400 naming the parameter."""
+    from vllm.sampling_params import SamplingParams
+
+    orig = SamplingParams._verify_extra_args
+    if getattr(orig, "_gemma_mtp_wrapped", False):
+        return
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # older layouts
+        from vllm.sampling_params import VLLMValidationError
+
+    def _verify_extra_args(self):
+        orig(self)
+        try:
+            validate(self.extra_args)
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter="extra_args") from None
+
+    _verify_extra_args._gemma_mtp_wrapped = True
+    SamplingParams._verify_extra_args = _verify_extra_args
+
+
+def request_extra_args(runner, req_id):
+    """The extra_args of a running request, from the V1 runner's request states."""
+    state = runner.requests.get(req_id) if runner is not None else None
+    sp = getattr(state, "sampling_params", None)
+    return getattr(sp, "extra_args", None)
+
+
+def uses_async_scheduling(runner) -> bool:
+    return bool(getattr(runner, "use_async_scheduling", False))
+
+
 def install_rejection_sampler(cls) -> None:
     """The V1 runner builds `RejectionSampler(sampler, spec_config, device)` from its module globals; our
     subclass only takes over when the speculative config is Gemma 4 MTP."""

@@ -9,6 +9,8 @@ at toy scale (head_dim >= 32 so vLLM's CPU attention takes it):
   31b        dense target, K=V global layers, dense drafter head
   allaccept  31b with both final norms zeroed: every logit ties, target and drafter both emit token 0,
              so every draft is accepted (use ignore_eos)
+  zeroaccept the all-accept target (emits token 0) with a drafter that can never propose token 0 (its row of
+             the tied draft head is zero while the other logits are random): every draft is rejected
 
 A pair is written once per (flavor, seed, dtype, format version) under a cache folder and reused.
 """
@@ -23,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FLAVORS = ("e2b", "e2b-dense", "26b", "31b", "allaccept")
+FLAVORS = ("e2b", "e2b-dense", "26b", "31b", "allaccept", "zeroaccept")
 VOCAB = 512  # divisible by NUM_CENTROIDS
 NUM_CENTROIDS = 32
 CENTROID_TOP_K = 4
@@ -104,7 +106,7 @@ def target_config(flavor: str, **overrides):
             hidden_size_per_layer_input=16,
             vocab_size_per_layer_input=VOCAB,
         )
-    elif base in ("31b", "allaccept", "26b"):
+    elif base in ("31b", "allaccept", "zeroaccept", "26b"):
         # dense target with K=V global layers and fewer global kv heads; 26b adds the MoE block
         kw = dict(
             intermediate_size=128,
@@ -210,6 +212,10 @@ def _build(out: Path, flavor: str, seed: int, dtype: str) -> None:
         with torch.no_grad():
             target.model.norm.weight.zero_()
             assistant.model.norm.weight.zero_()
+    if flavor == "zeroaccept":
+        with torch.no_grad():
+            target.model.norm.weight.zero_()
+            assistant.model.embed_tokens.weight[0].zero_()
     save_pair(out, target, assistant, tok)
     (out / "fixture.json").write_text(json.dumps({"flavor": flavor, "seed": seed, "dtype": dtype}))
 

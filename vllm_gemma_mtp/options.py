@@ -31,6 +31,9 @@ _SPEC = {
     "compile": ("COMPILE", "auto", ("auto", "1", "0"),
                 "torch.compile the draft round (one graph for batch 1, one for batch >= 2, built at startup): "
                 "auto = when the engine is not enforce_eager"),
+    "adaptive": ("ADAPTIVE", "1", None,
+                 "choose each request's draft length every step (0..num_speculative_tokens) from its acceptance "
+                 "and the learned step costs; 0 drafts the fixed num_speculative_tokens (benchmarks, bisecting)"),
     "force_v1_runner": ("FORCE_V1_RUNNER", "1", None,
                         "on vLLM >= 0.33 route Gemma 4 MTP through the V1 model runner, where the plugin's "
                         "proposer lives; 0 leaves Model Runner V2 and vLLM's built-in speculator (logged)"),
@@ -43,6 +46,7 @@ class Options:
     query_position: str = "p+1"
     kernels: str = "auto"
     compile: str = "auto"
+    adaptive: bool = True
     force_v1_runner: bool = True
 
     @property

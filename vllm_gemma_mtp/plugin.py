@@ -62,6 +62,9 @@ def install() -> None:
     compat.patch_spec_config_creation(check_speculative_config)
     if not opts.enabled:
         return
+    from vllm_gemma_mtp import controls
+
+    compat.patch_request_validation(controls.validate)
     from vllm_gemma_mtp.proposer import GemmaMTPProposer
     from vllm_gemma_mtp.sampler import GemmaMTPRejectionSampler
 

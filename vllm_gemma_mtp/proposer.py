@@ -9,7 +9,12 @@ per-KV-group block tables; the drafting itself is ours:
 - a round needs the target hidden state of only the last accepted token per request (vLLM's built-in path
   re-runs the drafter over every scheduled token first); K/V, mask and query position are gathered once
   and reused for all draft steps, since the drafter writes no KV and its position is constant;
-- no CUDA graphs are captured, so the E2B/E4B centroid head works on a CPU-only vLLM.
+- no CUDA graphs are captured, so the E2B/E4B centroid head works on a CPU-only vLLM;
+- with adaptive speculation (the default) each request's draft length comes from policy.py every step:
+  the proposer feeds it the acceptance it observes (how far each request's position moved since its last
+  drafts) and the step timings (verify: previous propose end -> this propose start; draft: the round), and
+  returns ragged per-request drafts (lists under synchronous scheduling; -1-padded rows under async). A step
+  where no request drafts runs no draft round at all.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_gemma_mtp import __version__, compat
+from vllm_gemma_mtp import __version__, compat, controls
 from vllm_gemma_mtp.drafter import FULL, SLIDING, draft_greedy, load_drafter, target_store_layers
 from vllm_gemma_mtp.plugin import current_options
+from vllm_gemma_mtp.policy import DraftPolicy, PolicyConfig
 
 logger = logging.getLogger("vllm.gemma_mtp")
 
@@ -34,14 +40,21 @@ class ProposerStats:
     rounds: int = 0
     drafted_tokens: int = 0
     propose_seconds: float = 0.0
-    # (req_ids, q_pos, first_tokens, drafts) of the most recent rounds, for tests that replay them offline
+    # (req_ids, q_pos, first_tokens, drafts, lengths given) of the most recent rounds, for tests that replay
+    # them offline
     recent: list = field(default_factory=list)
     keep_recent: int = 0
     compiled: bool = False  # the draft round runs as a torch.compile graph
+    steps: int = 0  # propose calls
+    skipped_rounds: int = 0  # steps where no request drafted (no draft round ran)
+    decisions: dict = field(default_factory=dict)  # policy reason -> steps
+    policy: dict | None = None  # the policy's state: chosen-K histogram, cost estimates
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
-                "propose_seconds": self.propose_seconds, "recent": list(self.recent), "compiled": self.compiled}
+                "propose_seconds": self.propose_seconds, "recent": list(self.recent), "compiled": self.compiled,
+                "steps": self.steps, "skipped_rounds": self.skipped_rounds, "decisions": dict(self.decisions),
+                "policy": self.policy}
 
 
 class GemmaMTPProposer(_Base):
@@ -59,6 +72,11 @@ class GemmaMTPProposer(_Base):
         self._kv_views: dict[str, tuple] = {}
         self.draft_attn_groups = []  # nothing for the runner to bind: we own no KV
         self.sliding_window = int(text.sliding_window or 0)
+        K = int(self.speculative_config.num_speculative_tokens)
+        self.policy = DraftPolicy(PolicyConfig(max_k=K)) if self.options.adaptive else None
+        self._pending: dict = {}  # req_id -> (last accepted position when drafted, drafts given)
+        self._caps: dict = {}  # req_id -> per-request draft cap (extra_args)
+        self._last_end: float | None = None  # perf_counter at the end of the previous propose
 
     # ---- lifecycle hooks called by the runner ---------------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -153,13 +171,17 @@ class GemmaMTPProposer(_Base):
             self._kv_views[lt] = cached
         return cached[1], cached[2]
 
-    def gather_kv(self, lt: str, kv_len: torch.Tensor, max_len: int):
+    def gather_kv(self, lt: str, kv_len: torch.Tensor, max_len: int, rows: torch.Tensor | None = None):
         """K/V [B, kvh, S, d] of keys (P-W, P] (sliding) or [0, P] (full) per request, and the mask
-        [B, 1, 1, S] of real keys. kv_len [B] = P + 1."""
+        [B, 1, 1, S] of real keys. kv_len [B] = P + 1 of the batch rows `rows` (all when None)."""
         k_cache, v_cache = self._kv(lt)
         bs = k_cache.shape[1]
+        table = self._per_group_block_tables[self._store_gid[lt]]
+        if rows is None:
+            table = table[:kv_len.shape[0]]
+        else:
+            table = table[rows]
         B = kv_len.shape[0]
-        table = self._per_group_block_tables[self._store_gid[lt]][:B]
         if lt == SLIDING and self.sliding_window:
             S = max(2, min(self.sliding_window, max_len))  # >= 2: size-1 dims would specialise the graph
             pos = kv_len[:, None] - S + torch.arange(S, device=kv_len.device)
@@ -187,35 +209,113 @@ class GemmaMTPProposer(_Base):
         self._last_draft_probs = None
         cad = common_attn_metadata
         B = cad.batch_size()
+        st = self.stats
+        st.steps += 1
         if token_indices_to_sample is None:
             token_indices_to_sample = cad.query_start_loc[1:] - 1
         idx = token_indices_to_sample[:B].long()
         if k == 0:
             return torch.empty(B, 0, dtype=torch.int64, device=self.device)
+        P = target_positions[idx].long()  # [B] last accepted position
+        lengths, rows = [k] * B, None
+        if self.policy is not None:
+            req_ids = list(self.runner.input_batch.req_ids[:B])
+            lengths = self._decide(req_ids, P.tolist(), t0, int(cad.num_actual_tokens), k)
+            if not any(lengths):  # nobody drafts: no draft round, the step is plain decoding
+                st.skipped_rounds += 1
+                self._last_end = time.perf_counter()
+                return self._ragged(None, lengths, B, k)
+            if min(lengths) == 0:
+                rows = torch.tensor([i for i, n in enumerate(lengths) if n > 0], device=self.device)
+        # a compiled round is traced for one K: it drafts k and the lists are cut; an eager one drafts the max
+        kk = k if (self.stats.compiled or self.policy is None) else max(lengths)
         hidden = target_hidden_states[idx]  # [B, H_t], post-norm, at the last accepted position P
-        P = target_positions[idx].long()  # [B]
+        first = next_token_ids[:B].long()
+        if rows is not None:
+            hidden, P, first = hidden[rows], P[rows], first[rows]
         kv_len = P + 1
         max_len = int(cad.max_seq_len)
         q_pos = P + self.options.query_offset
-        first = next_token_ids[:B].long()
         probabilistic = self._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy
+        t_draft = time.perf_counter()
         with torch.inference_mode():
             kv, mask = {}, {}
             for lt in self._store_name:
-                kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len)
-            if probabilistic:
+                kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len, rows)
+            if probabilistic and rows is None and kk == k:
                 drafts = self._draft_probabilistic(first, hidden, q_pos, kv, mask, k, sampling_metadata)
             else:
-                drafts = self._draft_fn(self.drafter, self.target_embed, first, hidden, q_pos, kv, mask, k)
-        st = self.stats
+                drafts = self._draft_fn(self.drafter, self.target_embed, first, hidden, q_pos, kv, mask, kk)
+        n_rows = drafts.shape[0]
         st.rounds += 1
-        st.drafted_tokens += B * k
+        st.drafted_tokens += sum(lengths)
         if st.keep_recent:
             req_ids = list(self.runner.input_batch.req_ids[:B]) if self.runner is not None else [None] * B
-            st.recent.append((req_ids, q_pos.tolist(), first.tolist(), drafts.tolist()))
+            sel = range(B) if rows is None else rows.tolist()
+            st.recent.append(([req_ids[i] for i in sel], q_pos.tolist(), first.tolist(), drafts.tolist(),
+                              [lengths[i] for i in sel]))
             del st.recent[:-st.keep_recent]
-        st.propose_seconds += time.perf_counter() - t0
-        return drafts
+        now = time.perf_counter()
+        if self.policy is not None:
+            self.policy.costs.observe_draft(n_rows, kk, now - t_draft)
+        st.propose_seconds += now - t0
+        self._last_end = now
+        if rows is None and all(n == k for n in lengths):
+            return drafts
+        return self._ragged(drafts, lengths, B, k, rows)
+
+    def _decide(self, req_ids, P_host, t0, num_tokens, k) -> list[int]:
+        """Learn from what the previous step showed, then choose this step's draft lengths."""
+        pol = self.policy
+        if self._last_end is not None:
+            dt = t0 - self._last_end  # scheduling + verify forward + sampling of this step
+            ok = dt < 2.0
+            if ok and pol.costs.ready():
+                v0, v1 = pol.costs.verify_coef()
+                ok = dt < 10 * (v0 + v1 * num_tokens) + 0.05  # an idle gap between calls is no step cost
+            if ok:
+                pol.costs.observe_verify(num_tokens, dt)
+        seen = set(req_ids)
+        for r, p in zip(req_ids, P_host):
+            prev = self._pending.get(r)
+            if prev is not None and prev[1] > 0 and p > prev[0]:
+                pol.acceptance.observe(r, prev[1], p - prev[0] - 1)
+        gone = [r for r in self._pending if r not in seen]
+        pol.forget(gone)
+        for r in gone:
+            self._pending.pop(r, None)
+            self._caps.pop(r, None)
+        caps = []
+        for r in req_ids:
+            if r not in self._caps:
+                self._caps[r] = controls.draft_cap(compat.request_extra_args(self.runner, r), k)
+            caps.append(self._caps[r])
+        dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None)
+        self.stats.decisions[dec.reason] = self.stats.decisions.get(dec.reason, 0) + 1
+        for r, p, n in zip(req_ids, P_host, dec.lengths):
+            self._pending[r] = (p, n)
+        self.stats.policy = {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds,
+                             **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
+        return dec.lengths
+
+    def _ragged(self, drafts, lengths, B, k, rows=None):
+        """Per-request drafts: lists (synchronous scheduling: the scheduler verifies exactly these), or a
+        [B, k] tensor with -1 past each request's length (async scheduling needs a dense tensor; -1 drafts
+        are rejected by the sampler)."""
+        if compat.uses_async_scheduling(self.runner):
+            out = torch.full((B, k), -1, dtype=torch.int64, device=self.device)
+            if drafts is not None:
+                sel = torch.arange(B, device=self.device) if rows is None else rows
+                keep = torch.arange(drafts.shape[1], device=self.device)[None, :] < torch.tensor(
+                    lengths, device=self.device)[sel][:, None]
+                out[sel, :drafts.shape[1]] = torch.where(keep, drafts, -1)[:, :k]
+            return out
+        out = [[] for _ in range(B)]
+        if drafts is not None:
+            host = drafts.tolist()
+            for j, i in enumerate(range(B) if rows is None else rows.tolist()):
+                out[i] = host[j][:lengths[i]]
+        return out
 
     def _draft_probabilistic(self, tok, h, q_pos, kv, mask, k, sampling_metadata):
         d = self.drafter

@@ -1,0 +1,178 @@
+"""Adaptive speculation in real engines: lossless under any schedule (the policy's own, a forced
+4 -> 0 -> 2 -> 4 schedule, per-request off switches and caps beside default requests in one batch), draft
+rounds skipped on a drafter that is never right, and bad per-request controls failing only that request.
+(The chooser itself: tests/test_policy.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIR = ROOT / "tests" / "assets" / "trained_pair"
+K = 4
+PROMPTS = ["    def __init__(self, ", "import os\nimport ", "    return self.", "class Foo(object):\n    ",
+           "for i in range(", "if __name__ == ", "        raise ValueError(", "def main():\n    "]
+
+
+def _engine(target, assistant=None, **env):
+    import os
+
+    from vllm import LLM
+
+    from engine_utils import KV_CACHE_BYTES
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        kw = dict(model=str(target), dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=16,
+                  max_num_batched_tokens=512, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, disable_log_stats=False)
+        if assistant is not None:
+            kw["speculative_config"] = {"method": "mtp", "model": str(assistant), "num_speculative_tokens": K}
+        return LLM(**kw)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from engine_utils import shutdown
+
+    base = _engine(PAIR / "target")
+    spec = None
+    try:
+        spec = _engine(PAIR / "target", PAIR / "assistant")
+        yield base, spec
+    finally:
+        if spec is not None:
+            shutdown(spec)
+        shutdown(base)
+
+
+def _proposer_stats(llm):
+    from engine_utils import _worker_probe
+
+    return llm.collective_rpc(_worker_probe)[0][1]
+
+
+def _keep_recent(worker):
+    worker.model_runner.drafter.stats.keep_recent = 100000
+    worker.model_runner.drafter.stats.recent.clear()
+
+
+def _script(schedule):
+    def install(worker):
+        from vllm_gemma_mtp.policy import PolicyConfig, ScriptedPolicy
+
+        d = worker.model_runner.drafter
+        d.policy = ScriptedPolicy(PolicyConfig(max_k=K), schedule) if schedule else None
+        if not schedule:  # back to the default policy
+            from vllm_gemma_mtp.policy import DraftPolicy
+
+            d.policy = DraftPolicy(PolicyConfig(max_k=K))
+    return install
+
+
+def _greedy(llm, params_list, prompts=PROMPTS):
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params_list, use_tqdm=False)]
+
+
+def test_adaptive_default_lossless_with_per_request_controls(trained):
+    from vllm import SamplingParams
+
+    base, spec = trained
+    spec.collective_rpc(_keep_recent)
+    plain = dict(temperature=0.0, max_tokens=64, ignore_eos=True)
+    params = [SamplingParams(**plain) for _ in PROMPTS]
+    params[1] = SamplingParams(**plain, extra_args={"gemma_mtp_speculate": False})
+    params[2] = SamplingParams(**plain, extra_args={"gemma_mtp_max_draft_tokens": 2})
+    params[3] = SamplingParams(**plain, extra_args={"gemma_mtp_max_draft_tokens": 0})
+    out = _greedy(spec, params)
+    ref = _greedy(base, [SamplingParams(**plain)] * len(PROMPTS))
+    assert out == ref
+    st = _proposer_stats(spec)
+    assert st["decisions"].get("policy", 0) > 0 and st["policy"]["verify_s_per_token"] > 0
+    given = {}  # request index -> draft lengths it was given
+    for rnd in st["recent"]:
+        for rid, n in zip(rnd[0], rnd[4]):
+            given.setdefault(rid, []).append(n)
+    lens = [n for ns in given.values() for n in ns]
+    assert max(lens) <= K and any(n > 0 for n in lens)
+    assert len(given) <= len(PROMPTS) - 2, "requests with speculation off were drafted for"
+    assert sum(1 for ns in given.values() if max(ns) <= 2) >= 1  # the capped request
+
+
+def test_forced_schedule_within_requests_is_lossless(trained):
+    from vllm import SamplingParams
+
+    base, spec = trained
+    sp = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    spec.collective_rpc(_script([4, 0, 2, 4]))
+    try:
+        out = _greedy(spec, [sp] * len(PROMPTS))
+        st = _proposer_stats(spec)
+    finally:
+        spec.collective_rpc(_script(None))
+    assert out == _greedy(base, [sp] * len(PROMPTS))
+    assert st["decisions"].get("scripted", 0) > 8
+    assert st["skipped_rounds"] > 0
+
+
+def test_random_sampling_keeps_the_distribution_adaptive(trained):
+    """The in-engine frequency check at temperature 1 (ragged adaptive drafts): plugin against no speculation,
+    two-sample chi-square over the tokens after the first."""
+    from vllm import SamplingParams
+
+    from test_engine_sampling import _two_sample_pvalue
+
+    base, spec = trained
+    sp = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    a = _greedy(spec, [sp] * 400, prompts=[PROMPTS[0]] * 400)
+    b = _greedy(base, [sp] * 400, prompts=[PROMPTS[0]] * 400)
+    assert _two_sample_pvalue(a, b, positions=range(1, 6)) > 1e-3
+
+
+def test_bad_controls_fail_the_request_not_the_engine(trained):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # a client error: the server answers HTTP 400
+
+    import vllm_gemma_mtp
+
+    vllm_gemma_mtp.register()
+    bad = [({"gemma_mtp_max_draft_tokens": -1}, "gemma_mtp_max_draft_tokens must be an integer >= 0"),
+           ({"gemma_mtp_max_draft_tokens": "4"}, "gemma_mtp_max_draft_tokens must be an integer"),
+           ({"gemma_mtp_max_draft_tokens": True}, "gemma_mtp_max_draft_tokens must be an integer"),
+           ({"gemma_mtp_speculate": "no"}, "gemma_mtp_speculate must be true or false"),
+           ({"gemma_mtp_max_draft": 2}, "unknown vllm-gemma-mtp request option 'gemma_mtp_max_draft'")]
+    for args, msg in bad:
+        with pytest.raises(VLLMValidationError, match=msg):
+            SamplingParams(max_tokens=4, extra_args=args)
+    _, spec = trained
+    ok = spec.generate(["x = "], SamplingParams(max_tokens=4, extra_args={"other_plugin_key": 1}), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 4  # foreign keys pass; the engine serves on
+
+
+def test_zero_accept_pair_skips_draft_rounds(pair):
+    """A drafter that is never right: after calibration the policy stops drafting (rounds skipped, counted),
+    probing now and then, and the output stays the target's."""
+    from vllm import SamplingParams
+
+    from engine_utils import shutdown
+
+    p = pair("zeroaccept")
+    sp = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [2, 10 + i]} for i in range(16)]
+    spec = _engine(p / "target", p / "assistant")
+    try:
+        out = [list(o.outputs[0].token_ids) for o in spec.generate(prompts, sp, use_tqdm=False)]
+        st = _proposer_stats(spec)
+    finally:
+        shutdown(spec)
+    assert all(o == [0] * 96 for o in out)  # the target's own output (every logit ties at token 0)
+    assert st["skipped_rounds"] > 0.6 * st["steps"], st
+    assert st["decisions"].get("probe", 0) > 0
+    hist = st["policy"]["chosen_k_hist"]
+    assert hist[0] > 0.8 * sum(hist), hist
+    assert st["policy"]["engine_acceptance"][0] < 0.1

@@ -1,0 +1,285 @@
+"""Draft length per request per step: plain code, no vLLM imports.
+
+Each step every running request gets a draft length k_i in [0, cap_i] (cap_i <= num_speculative_tokens)
+that maximises the expected tokens emitted per second of step time for the whole batch:
+
+    E(k) = sum_i (1 + sum_{j <= k_i} P_ij)        P_ij = a_i1 * ... * a_ij, a_ij the request's conditional
+                                                   acceptance at draft position j
+    T(k) = verify(B + sum_i k_i) + draft(B_d, max_i k_i)     (no draft term when every k_i = 0)
+
+verify(tokens) = v0 + v1 * tokens and draft(B_d, c) = d0 + d1 * c + d2 * B_d * c are learned online from the
+engine's own step timings (exponentially weighted least squares), so the same code chooses on a 2-core CPU,
+where every verified token costs, and on a GPU, where K+1 tokens cost about what 1 costs until the batch is
+compute-bound. For a fixed longest draft c, E/T is maximised by Dinkelbach's iteration: with
+lambda = E/T, each request takes the k <= c that maximises sum_{j<=k} P_ij - lambda * (v1 * k + d2 * c [k > 0]);
+every c in 0..K is tried and the best ratio wins (exact: tests/test_policy.py checks it against brute force).
+
+Acceptance: per request, decayed counts of accepted/tried per position, shrunk toward the engine-wide
+rates (themselves decayed counts over all requests), so a new request starts from what the engine has seen.
+A request at 0 drafts gets a 1-token probe every `probe_every` steps: it comes back when its text becomes
+predictable or the step cost drops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PolicyConfig:
+    max_k: int
+    request_decay: float = 0.8  # per observation: a request's recent drafts count most
+    global_decay: float = 0.995
+    prior_weight: float = 3.0  # the engine-wide rates count as this many observations of a request
+    cost_decay: float = 0.99  # per timing sample
+    probe_every: int = 16  # steps at 0 drafts before a 1-token probe
+    calibration_steps: int = 0  # steps of cycling k over 0..max_k at start (0: 4 * (max_k + 1))
+    min_samples: int = 8
+
+
+class DecayedLeastSquares:
+    """Least squares over features x with exponentially decayed sufficient statistics and a small ridge
+    toward the previous solution's scale (keeps it solvable when recent samples share one x)."""
+
+    def __init__(self, n: int, decay: float, ridge: float = 1e-9):
+        self.n, self.decay, self.ridge = n, decay, ridge
+        self.xx = [[0.0] * n for _ in range(n)]
+        self.xy = [0.0] * n
+        self.count = 0
+        self.distinct: set = set()
+        self.coef = [0.0] * n
+
+    def add(self, x: list[float], y: float) -> None:
+        d = self.decay
+        for r in range(self.n):
+            self.xy[r] = d * self.xy[r] + x[r] * y
+            for c in range(self.n):
+                self.xx[r][c] = d * self.xx[r][c] + x[r] * x[c]
+        self.count += 1
+        self.distinct.add(tuple(x))
+        self.coef = self._solve()
+
+    def _solve(self) -> list[float]:
+        n = self.n
+        scale = max(self.xx[r][r] for r in range(n)) or 1.0
+        a = [[self.xx[r][c] + (self.ridge * scale if r == c else 0.0) for c in range(n)] + [self.xy[r]]
+             for r in range(n)]
+        for col in range(n):  # Gauss-Jordan with partial pivoting; n <= 3
+            piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+            if abs(a[piv][col]) < 1e-300:
+                return self.coef
+            a[col], a[piv] = a[piv], a[col]
+            for r in range(n):
+                if r != col:
+                    f = a[r][col] / a[col][col]
+                    a[r] = [a[r][c] - f * a[col][c] for c in range(n + 1)]
+        return [a[r][n] / a[r][r] for r in range(n)]
+
+    def predict(self, x: list[float]) -> float:
+        return sum(c * v for c, v in zip(self.coef, x))
+
+
+class CostModel:
+    """Seconds of a verify step by scheduled tokens, and of a draft round by (rows drafted, longest draft)."""
+
+    def __init__(self, cfg: PolicyConfig):
+        self.cfg = cfg
+        self.verify = DecayedLeastSquares(2, cfg.cost_decay)  # [1, tokens]
+        self.draft = DecayedLeastSquares(3, cfg.cost_decay)  # [1, c, B * c]
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        self.verify.add([1.0, float(tokens)], seconds)
+
+    def observe_draft(self, rows: int, c: int, seconds: float) -> None:
+        self.draft.add([1.0, float(c), float(rows * c)], seconds)
+
+    def ready(self) -> bool:
+        m = self.cfg.min_samples
+        return (self.verify.count >= m and len(self.verify.distinct) >= 2 and self.draft.count >= m)
+
+    def verify_coef(self) -> tuple[float, float]:
+        v0, v1 = self.verify.coef
+        return max(v0, 0.0), max(v1, 1e-12)  # a verified token never costs nothing or less
+
+    def draft_coef(self) -> tuple[float, float, float]:
+        d0, d1, d2 = self.draft.coef
+        return d0, d1, max(d2, 0.0)
+
+    def snapshot(self) -> dict:
+        v0, v1 = self.verify_coef()
+        return {"verify_s_per_step": v0, "verify_s_per_token": v1, "draft_coef": list(self.draft_coef()),
+                "verify_samples": self.verify.count, "draft_samples": self.draft.count}
+
+
+@dataclass
+class _Counts:
+    acc: list
+    tried: list
+
+    @classmethod
+    def zeros(cls, k: int) -> "_Counts":
+        return cls([0.0] * k, [0.0] * k)
+
+    def observe(self, drafted: int, accepted: int, decay: float) -> None:
+        # positions 1..accepted were accepted, accepted+1 rejected (if drafted further); later ones unseen
+        for j in range(min(drafted, accepted + 1)):
+            self.acc[j] = decay * self.acc[j] + (1.0 if j < accepted else 0.0)
+            self.tried[j] = decay * self.tried[j] + 1.0
+
+
+class AcceptanceStats:
+    def __init__(self, cfg: PolicyConfig):
+        self.cfg = cfg
+        self.engine = _Counts.zeros(cfg.max_k)
+        self.requests: dict = {}
+
+    def observe(self, key, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        accepted = max(0, min(accepted, drafted))
+        self.engine.observe(drafted, accepted, self.cfg.global_decay)
+        self.requests.setdefault(key, _Counts.zeros(self.cfg.max_k)).observe(drafted, accepted,
+                                                                               self.cfg.request_decay)
+
+    def engine_rates(self) -> list[float]:
+        # before any observation: an optimistic prior, so a new engine drafts (and learns)
+        return [(a + 0.7) / (t + 1.0) for a, t in zip(self.engine.acc, self.engine.tried)]
+
+    def rates(self, key) -> list[float]:
+        prior = self.engine_rates()
+        c = self.requests.get(key)
+        if c is None:
+            return prior
+        w = self.cfg.prior_weight
+        return [(a + w * p) / (t + w) for a, t, p in zip(c.acc, c.tried, prior)]
+
+    def forget(self, keys) -> None:
+        for k in keys:
+            self.requests.pop(k, None)
+
+
+def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tuple[float, float],
+                         draft: tuple[float, float, float], max_k: int,
+                         round_len: int | None = None) -> tuple[list[int], float]:
+    """Draft lengths [B] maximising expected tokens per second, and that rate.
+
+    rates[i][j]: conditional acceptance of request i at draft position j+1; caps[i]: its limit;
+    verify = (v0, v1): v0 + v1 * tokens seconds; draft = (d0, d1, d2): d0 + d1 * c + d2 * rows * c seconds
+    for a round of longest draft c over `rows` drafting requests. round_len: the round always runs that many
+    steps whatever c is (a compiled round), so its cost does not shrink with c."""
+    B = len(rates)
+    if B == 0:
+        return [], 0.0
+    v0, v1 = verify
+    d0, d1, d2 = draft
+    cum = []
+    for r, cap in zip(rates, caps):
+        p, row = 1.0, [0.0]
+        for j in range(min(cap, max_k)):
+            p *= min(max(r[j], 0.0), 1.0)
+            row.append(row[-1] + p)  # row[k] = expected accepted tokens with k drafts
+        cum.append(row)
+
+    def round_cost(c, rows):
+        if c <= 0 or rows <= 0:
+            return 0.0
+        L = round_len or c
+        return max(d0 + d1 * L + d2 * rows * L, 0.0)
+
+    def evaluate(ks):
+        e = B + sum(cum[i][k] for i, k in enumerate(ks))
+        t = v0 + v1 * (B + sum(ks)) + round_cost(max(ks), sum(1 for k in ks if k > 0))
+        return e / t if t > 0 else math.inf
+
+    best_ks = [0] * B
+    best = evaluate(best_ks)
+    for c in range(1, max_k + 1):
+        L = round_len or c
+        lam, ks = best, None
+        for _ in range(64):  # Dinkelbach: maximise E - lam * T for fixed c, then lam = E / T
+            new = []
+            for row in cum:
+                top = min(c, len(row) - 1)
+                gains = [row[k] - lam * (v1 * k + (d2 * L if k > 0 else 0.0)) for k in range(top + 1)]
+                new.append(max(range(top + 1), key=lambda k: (gains[k], -k)))
+            if new == ks:
+                break
+            ks = new
+            lam = evaluate(ks)
+        rate = evaluate(ks)
+        if rate > best * (1 + 1e-12):
+            best, best_ks = rate, ks
+    return best_ks, best
+
+
+@dataclass
+class StepDecision:
+    lengths: list  # [B] draft length per request
+    reason: str  # "calibration", "policy", "fixed", "probe"
+    expected_rate: float = 0.0
+
+
+@dataclass
+class DraftPolicy:
+    """The per-step decision with its state: acceptance statistics, the cost model, probe counters."""
+
+    cfg: PolicyConfig
+    acceptance: AcceptanceStats = None
+    costs: CostModel = None
+    steps: int = 0
+    idle: dict = field(default_factory=dict)  # request -> steps since it last drafted
+    chosen_hist: list = None  # how often each k was chosen, per request-step
+    skipped_rounds: int = 0  # steps where no request drafted
+
+    def __post_init__(self):
+        self.acceptance = self.acceptance or AcceptanceStats(self.cfg)
+        self.costs = self.costs or CostModel(self.cfg)
+        self.chosen_hist = self.chosen_hist or [0] * (self.cfg.max_k + 1)
+
+    def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
+        K = self.cfg.max_k
+        caps = [max(0, min(int(c), K)) for c in caps]
+        calib = self.cfg.calibration_steps or 4 * (K + 1)
+        self.steps += 1
+        if self.steps <= calib or not self.costs.ready():
+            k = self.steps % (K + 1)  # every draft length, so both cost models see variety
+            lengths, reason, rate = [min(k, c) for c in caps], "calibration", 0.0
+        else:
+            lengths, rate = choose_draft_lengths([self.acceptance.rates(key) for key in keys], caps,
+                                                 self.costs.verify_coef(), self.costs.draft_coef(), K, round_len)
+            reason = "policy"
+            for i, key in enumerate(keys):
+                if lengths[i] == 0 and caps[i] > 0 and self.idle.get(key, 0) >= self.cfg.probe_every:
+                    lengths[i] = 1
+                    reason = "probe"
+        for key, k in zip(keys, lengths):
+            self.idle[key] = 0 if k > 0 else self.idle.get(key, 0) + 1
+            self.chosen_hist[k] += 1
+        if not any(lengths):
+            self.skipped_rounds += 1
+        return StepDecision(lengths, reason, rate)
+
+    def forget(self, keys) -> None:
+        self.acceptance.forget(keys)
+        for k in keys:
+            self.idle.pop(k, None)
+
+
+class ScriptedPolicy(DraftPolicy):
+    """A fixed schedule of draft lengths (step -> length for every request), for tests and bisecting; the
+    cost model and acceptance statistics still learn, so their reporting stays live."""
+
+    def __init__(self, cfg: PolicyConfig, schedule: list[int]):
+        super().__init__(cfg)
+        self.schedule = list(schedule)
+
+    def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
+        k = self.schedule[self.steps % len(self.schedule)]
+        self.steps += 1
+        lengths = [max(0, min(k, int(c), self.cfg.max_k)) for c in caps]
+        for n in lengths:
+            self.chosen_hist[n] += 1
+        if not any(lengths):
+            self.skipped_rounds += 1
+        return StepDecision(lengths, "scripted")
