@@ -1,8 +1,10 @@
-"""Side-by-side benchmark: no speculation vs vLLM's built-in Gemma 4 MTP vs this plugin, one run, one machine.
+"""Side-by-side benchmark: no speculation vs vLLM's built-in Gemma 4 MTP vs this plugin at fixed K vs the
+plugin's adaptive draft lengths (its default), one run, one machine.
 
-    python scripts/bench.py [--pairs trained,allaccept] [--ks 1,2,4] [--batches 1,4,16] [--runs 5]
+    python scripts/bench.py [--pairs trained,allaccept,zeroaccept] [--ks 1,2,4] [--batches 1,4,16] [--runs 5]
+                            [--prompt-tokens 48] [--modes builtin,plugin,adaptive]
 
-For every pair and K the three engines (no speculation, built-in, plugin) are up together and each batch
+For every pair and K the engines (no speculation, built-in, plugin, adaptive) are up together and each batch
 size is timed round-robin: one run of each mode per round, --runs rounds, after one warm-up run each (not
 counted). Each figure is the median of its runs, and the ratios compare runs of the same rounds, so drift in
 the machine's speed (tens of percent over minutes on this VM) hits all modes alike. Acceptance comes from
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ROOT / "tests" / "assets" / "trained_pair"
 
 
-def code_prompts(tokenizer, n: int, bos: int) -> list[list[int]]:
+def code_prompts(tokenizer, n: int, bos: int, length: int = 48) -> list[list[int]]:
     """Held-out standard-library code (modules the trained pair never saw), cut into prompts."""
     log = json.loads((TRAINED / "train_log.json").read_text()) if (TRAINED / "train_log.json").exists() else {}
     held = log.get("corpus", {}).get("held_out_files") or []
@@ -46,8 +48,11 @@ def code_prompts(tokenizer, n: int, bos: int) -> list[list[int]]:
     prompts, i = [], 0
     while len(prompts) < n:
         t = texts[i % len(texts)]
-        start = (i * 997) % max(1, len(t) - 400)
-        prompts.append([bos] + tokenizer(t[start:start + 300])["input_ids"][:48])
+        span = max(300, 6 * length)
+        if len(t) < span + 100:
+            t = t * (span // max(len(t), 1) + 2)
+        start = (i * 997) % max(1, len(t) - span - 100)
+        prompts.append([bos] + tokenizer(t[start:start + span])["input_ids"][:length])
         i += 1
     return prompts
 
@@ -79,16 +84,18 @@ def plot(rows, path: Path) -> None:
     pairs = sorted({r["pair"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(pairs), len(batches), figsize=(4 * len(batches), 3.2 * len(pairs)), squeeze=False)
-    colors = {"none": "#999999", "builtin": "#4477aa", "plugin": "#ee6677"}
+    colors = {"none": "#999999", "builtin": "#4477aa", "plugin": "#ee6677", "adaptive": "#228833"}
+    modes = [m for m in ("none", "builtin", "plugin", "adaptive") if any(r["mode"] == m for r in rows)]
     for i, pair in enumerate(pairs):
         for j, b in enumerate(batches):
             ax = axes[i][j]
             ks = sorted({r["k"] for r in rows if r["pair"] == pair and r["mode"] != "none"})
-            w = 0.27
-            for m, off in (("none", -w), ("builtin", 0.0), ("plugin", w)):
+            w = 0.8 / len(modes)
+            for m, off in ((m, (n - (len(modes) - 1) / 2) * w) for n, m in enumerate(modes)):
                 ys = [next((r["tokens_per_s"] for r in rows if r["pair"] == pair and r["batch"] == b
                             and r["mode"] == m and r["rounds_of_k"] == k), 0) for k in ks]
-                ax.bar([x + off for x in range(len(ks))], ys, w, label="no spec" if m == "none" else m,
+                ax.bar([x + off for x in range(len(ks))], ys, w,
+                       label={"none": "no spec", "plugin": "plugin fixed K"}.get(m, m),
                        color=colors[m])
             ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
             ax.set_title(f"{pair}, batch {b}")
@@ -106,9 +113,12 @@ def main():
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=48, help="prompt length in tokens (about)")
+    ap.add_argument("--modes", default="builtin,plugin,adaptive", help="speculative modes beside no speculation")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
     args = ap.parse_args()
     ks = [int(x) for x in args.ks.split(",")]
+    spec_modes = args.modes.split(",")
     batches = [int(x) for x in args.batches.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,23 +126,27 @@ def main():
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from engine_runs import interleaved_runs, start_engine, stop_engine
+    from engine_runs import interleaved_runs, policy_state, start_engine, stop_engine
     from vllm_gemma_mtp.fixtures import ensure_pair
 
     os.environ["VLLM_GEMMA_MTP_COMPILE"] = "1"
     pairs = args.pairs.split(",")
     rows = []
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     outputs_identical = True
     bar = tqdm(total=len(pairs) * len(ks) * len(batches), desc="bench", unit="cell")
     for pair in pairs:
         d = TRAINED if pair == "trained" else ensure_pair(pair)
         tok = AutoTokenizer.from_pretrained(d / "target")
-        prompts = (code_prompts(tok, max(batches), tok.bos_token_id or 2) if pair == "trained"
-                   else [[2] + [(13 * i + j) % 400 + 5 for j in range(8 + i)] for i in range(max(batches))])
+        L = args.prompt_tokens
+        prompts = (code_prompts(tok, max(batches), tok.bos_token_id or 2, L) if pair == "trained"
+                   else [[2] + [(13 * i + j) % 400 + 5 for j in range(max(1, L - 40) + i)] for i in range(max(batches))])
+        mml = max(1024, max(len(p) for p in prompts) + args.max_tokens + 16)
 
         def start(mode, k):
             bar.set_postfix_str(f"{pair} {mode} K={k}: starting engine")
-            return start_engine(str(d / "target"), str(d / "assistant"), mode, max(k, 1), max_num_seqs=max(batches))
+            return start_engine(str(d / "target"), str(d / "assistant"), mode, max(k, 1), max_num_seqs=max(batches),
+                                max_model_len=mml)
 
         # the no-speculation engine stays up for the pair; built-in and plugin engines per K; all three are
         # timed round-robin (see engine_runs.interleaved_runs)
@@ -141,18 +155,20 @@ def main():
             for k in ks:
                 engines = {"none": (none, 0)}
                 try:
-                    for mode in ("builtin", "plugin"):
+                    for mode in spec_modes:
                         engines[mode] = (start(mode, k), k)
                     for b in batches:
                         bar.set_postfix_str(f"{pair} K={k} batch={b}")
                         res = interleaved_runs(engines, prompts[:b], args.max_tokens, runs=args.runs, warmup=1)
-                        outputs_identical &= res["builtin"].outputs == res["none"].outputs == res["plugin"].outputs
+                        outputs_identical &= all(res[m].outputs == res["none"].outputs for m in spec_modes)
                         for r in res.values():
                             # the no-speculation row is kept per K: timed in the same rounds as that K
-                            rows.append({"pair": pair, "rounds_of_k": k, **r.as_dict()})
+                            rows.append({"pair": pair, "rounds_of_k": k, "prompt_tokens": L, **r.as_dict()})
+                            if r.mode == "adaptive":
+                                rows[-1]["policy"] = policy_state(engines["adaptive"][0])
                         bar.update()
                 finally:
-                    for mode in ("builtin", "plugin"):
+                    for mode in spec_modes:
                         if mode in engines:
                             stop_engine(engines.pop(mode)[0])
         finally:
@@ -160,28 +176,41 @@ def main():
     bar.close()
 
     def find(pair, mode, k, b):
-        return next(r for r in rows if r["pair"] == pair and r["mode"] == mode and r["rounds_of_k"] == k
-                    and r["batch"] == b)
+        return next((r for r in rows if r["pair"] == pair and r["mode"] == mode and r["rounds_of_k"] == k
+                     and r["batch"] == b), None)
 
-    table = ["| pair | K | batch | none tok/s | built-in tok/s | plugin tok/s | plugin/built-in | plugin/none | "
-             "built-in/none | MAL built-in | MAL plugin | plugin per-position acceptance |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    label = {"builtin": "built-in", "plugin": "plugin fixed K", "adaptive": "adaptive"}
+    cols = ["pair", "K", "batch", "prompt tok", "none tok/s"] + [f"{label[m]} tok/s" for m in spec_modes]
+    cols += [f"{label[m]}/none" for m in spec_modes]
+    if "plugin" in spec_modes and "builtin" in spec_modes:
+        cols.append("plugin/built-in")
+    if "adaptive" in spec_modes and "plugin" in spec_modes:
+        cols.append("adaptive/max(none, fixed K)")
+    cols += [f"MAL {label[m]}" for m in spec_modes]
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     summary = []
-    for pair in args.pairs.split(","):
+    for pair in pairs:
         for k in ks:
             for b in batches:
-                n, bi, pl = find(pair, "none", k, b), find(pair, "builtin", k, b), find(pair, "plugin", k, b)
-                s = {"pair": pair, "k": k, "batch": b, "none": n["tokens_per_s"], "builtin": bi["tokens_per_s"],
-                     "plugin": pl["tokens_per_s"], "plugin_over_builtin": pl["tokens_per_s"] / bi["tokens_per_s"],
-                     "plugin_over_none": pl["tokens_per_s"] / n["tokens_per_s"],
-                     "builtin_over_none": bi["tokens_per_s"] / n["tokens_per_s"],
-                     "mal_builtin": bi["mean_acceptance_length"], "mal_plugin": pl["mean_acceptance_length"],
-                     "per_pos_plugin": pl["per_position_acceptance"]}
-                summary.append(s)
-                pp = ", ".join(f"{x:.2f}" for x in (s["per_pos_plugin"] or []))
-                table.append(f"| {pair} | {k} | {b} | {s['none']:.0f} | {s['builtin']:.0f} | {s['plugin']:.0f} | "
-                             f"{s['plugin_over_builtin']:.2f}x | {s['plugin_over_none']:.2f}x | "
-                             f"{s['builtin_over_none']:.2f}x | {s['mal_builtin'] or 0:.2f} | {s['mal_plugin'] or 0:.2f} | {pp} |")
+                n = find(pair, "none", k, b)
+                got = {m: find(pair, m, k, b) for m in spec_modes}
+                tps = {m: got[m]["tokens_per_s"] for m in spec_modes}
+                s_ = {"pair": pair, "k": k, "batch": b, "prompt_tokens": args.prompt_tokens, "none": n["tokens_per_s"],
+                      **tps, **{f"{m}_over_none": tps[m] / n["tokens_per_s"] for m in spec_modes},
+                      **{f"mal_{m}": got[m]["mean_acceptance_length"] for m in spec_modes},
+                      **{f"per_pos_{m}": got[m]["per_position_acceptance"] for m in spec_modes}}
+                cells = [pair, str(k), str(b), str(args.prompt_tokens), f"{n['tokens_per_s']:.0f}"]
+                cells += [f"{tps[m]:.0f}" for m in spec_modes]
+                cells += [f"{tps[m] / n['tokens_per_s']:.2f}x" for m in spec_modes]
+                if "plugin" in spec_modes and "builtin" in spec_modes:
+                    s_["plugin_over_builtin"] = tps["plugin"] / tps["builtin"]
+                    cells.append(f"{s_['plugin_over_builtin']:.2f}x")
+                if "adaptive" in spec_modes and "plugin" in spec_modes:
+                    s_["adaptive_over_best"] = tps["adaptive"] / max(n["tokens_per_s"], tps["plugin"])
+                    cells.append(f"{s_['adaptive_over_best']:.2f}x")
+                cells += [f"{got[m]['mean_acceptance_length'] or 0:.2f}" for m in spec_modes]
+                summary.append(s_)
+                table.append("| " + " | ".join(cells) + " |")
     info = machine_info()
     settings = {"runs": args.runs, "max_tokens": args.max_tokens, "dtype": "float32", "enforce_eager": True,
                 "plugin_compile": "torch.compile, C++ wrapper on CPU", "warmup_runs": 1, "greedy": True,
@@ -193,7 +222,7 @@ def main():
     plot(rows, out / "bench.png")
     print(f"\nmachine: {info['cpu']} ({info['cores']} cores), vllm {info['vllm']}, torch {info['torch']}")
     print("\n".join(table))
-    print(f"greedy outputs identical in all three modes, every cell: {outputs_identical}")
+    print(f"greedy outputs identical in every mode, every cell: {outputs_identical}")
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
 

@@ -13,9 +13,10 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".vllm-cache"))
 
-MODES = ("none", "builtin", "plugin")
+MODES = ("none", "builtin", "plugin", "adaptive")
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _spec_counters(llm) -> dict:
 
 
 def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_seqs: int = 16,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", max_model_len: int = 1024):
     """mode: none | builtin (vLLM's Gemma 4 MTP proposer) | plugin (fixed K) | adaptive (the plugin's default:
     per-request draft lengths). The plugin is switched per process by VLLM_GEMMA_MTP_ENABLE and
     VLLM_GEMMA_MTP_ADAPTIVE, which the engine's worker processes read when they start."""
@@ -53,11 +54,25 @@ def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_
 
     os.environ["VLLM_GEMMA_MTP_ENABLE"] = "0" if mode == "builtin" else "1"
     os.environ["VLLM_GEMMA_MTP_ADAPTIVE"] = "1" if mode == "adaptive" else "0"
-    kw = dict(model=target, dtype=dtype, max_model_len=1024, enforce_eager=True, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0)
+    kw = dict(model=target, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max(2048, max_model_len), kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0)
     if mode != "none":
         kw["speculative_config"] = {"method": "mtp", "model": assistant, "num_speculative_tokens": k}
     return LLM(**kw)
+
+
+def _policy_probe(worker):
+    d = getattr(worker.model_runner, "drafter", None)
+    st = getattr(d, "stats", None)
+    if st is None:
+        return None
+    return {"policy": st.policy, "decisions": dict(st.decisions), "steps": st.steps,
+            "skipped_rounds": st.skipped_rounds}
+
+
+def policy_state(llm) -> dict | None:
+    """The adaptive policy's state in the worker: chosen-K histogram, cost estimates, decisions."""
+    return llm.collective_rpc(_policy_probe)[0]
 
 
 def stop_engine(llm) -> None:
