@@ -168,49 +168,46 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
     verify = (v0, v1): v0 + v1 * tokens seconds; draft = (d0, d1, d2): d0 + d1 * c + d2 * rows * c seconds
     for a round of longest draft c over `rows` drafting requests. round_len: the round always runs that many
     steps whatever c is (a compiled round), so its cost does not shrink with c."""
+    import numpy as np
+
     B = len(rates)
     if B == 0:
         return [], 0.0
     v0, v1 = verify
     d0, d1, d2 = draft
-    cum = []
-    for r, cap in zip(rates, caps):
-        p, row = 1.0, [0.0]
-        for j in range(min(cap, max_k)):
-            p *= min(max(r[j], 0.0), 1.0)
-            row.append(row[-1] + p)  # row[k] = expected accepted tokens with k drafts
-        cum.append(row)
-
-    def round_cost(c, rows):
-        if c <= 0 or rows <= 0:
-            return 0.0
-        L = round_len or c
-        return max(d0 + d1 * L + d2 * rows * L, 0.0)
+    caps_a = np.minimum(np.asarray(caps, dtype=np.int64), max_k)  # [B]
+    r = np.clip(np.asarray([list(x[:max_k]) + [0.0] * (max_k - len(x[:max_k])) for x in rates], dtype=np.float64),
+                0.0, 1.0)  # [B, K]
+    cum = np.zeros((B, max_k + 1))
+    cum[:, 1:] = np.cumsum(np.cumprod(r, axis=1), axis=1)  # [B, K+1]: expected accepted tokens with k drafts
+    ks_all = np.arange(max_k + 1)
+    allowed = ks_all[None, :] <= caps_a[:, None]  # [B, K+1]
 
     def evaluate(ks):
-        e = B + sum(cum[i][k] for i, k in enumerate(ks))
-        t = v0 + v1 * (B + sum(ks)) + round_cost(max(ks), sum(1 for k in ks if k > 0))
+        e = B + cum[np.arange(B), ks].sum()
+        c, rows = int(ks.max()), int((ks > 0).sum())
+        L = round_len or c
+        t = v0 + v1 * (B + int(ks.sum())) + (max(d0 + d1 * L + d2 * rows * L, 0.0) if c > 0 and rows else 0.0)
         return e / t if t > 0 else math.inf
 
-    best_ks = [0] * B
+    best_ks = np.zeros(B, dtype=np.int64)
     best = evaluate(best_ks)
     for c in range(1, max_k + 1):
         L = round_len or c
+        ok = allowed & (ks_all[None, :] <= c)
+        cost = v1 * ks_all + np.where(ks_all > 0, d2 * L, 0.0)  # [K+1] per-request cost of k drafts
         lam, ks = best, None
         for _ in range(64):  # Dinkelbach: maximise E - lam * T for fixed c, then lam = E / T
-            new = []
-            for row in cum:
-                top = min(c, len(row) - 1)
-                gains = [row[k] - lam * (v1 * k + (d2 * L if k > 0 else 0.0)) for k in range(top + 1)]
-                new.append(max(range(top + 1), key=lambda k: (gains[k], -k)))
-            if new == ks:
+            gains = np.where(ok, cum - lam * cost[None, :], -np.inf)
+            new = gains.argmax(axis=1)  # first maximum: the smaller k on ties
+            if ks is not None and np.array_equal(new, ks):
                 break
             ks = new
             lam = evaluate(ks)
         rate = evaluate(ks)
         if rate > best * (1 + 1e-12):
             best, best_ks = rate, ks
-    return best_ks, best
+    return [int(k) for k in best_ks], best
 
 
 @dataclass

@@ -77,6 +77,8 @@ class GemmaMTPProposer(_Base):
         self._pending: dict = {}  # req_id -> (last accepted position when drafted, drafts given)
         self._caps: dict = {}  # req_id -> per-request draft cap (extra_args)
         self._last_end: float | None = None  # perf_counter at the end of the previous propose
+        self._last_start = 0.0  # ... at its start
+        self._last_draft = 0.0  # seconds its draft round took (0 when none ran)
 
     # ---- lifecycle hooks called by the runner ---------------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -221,6 +223,7 @@ class GemmaMTPProposer(_Base):
         if self.policy is not None:
             req_ids = list(self.runner.input_batch.req_ids[:B])
             lengths = self._decide(req_ids, P.tolist(), t0, int(cad.num_actual_tokens), k)
+            self._last_start, self._last_draft = t0, 0.0
             if not any(lengths):  # nobody drafts: no draft round, the step is plain decoding
                 st.skipped_rounds += 1
                 self._last_end = time.perf_counter()
@@ -257,7 +260,8 @@ class GemmaMTPProposer(_Base):
             del st.recent[:-st.keep_recent]
         now = time.perf_counter()
         if self.policy is not None:
-            self.policy.costs.observe_draft(n_rows, kk, now - t_draft)
+            self._last_draft = now - t_draft
+            self.policy.costs.observe_draft(n_rows, kk, self._last_draft)
         st.propose_seconds += now - t0
         self._last_end = now
         if rows is None and all(n == k for n in lengths):
@@ -268,7 +272,10 @@ class GemmaMTPProposer(_Base):
         """Learn from what the previous step showed, then choose this step's draft lengths."""
         pol = self.policy
         if self._last_end is not None:
-            dt = t0 - self._last_end  # scheduling + verify forward + sampling of this step
+            # everything of the step but the draft round: scheduling, verify forward, sampling, and this
+            # proposer's own bookkeeping (the policy included) - previous propose start -> this one, less the
+            # previous draft round
+            dt = t0 - self._last_start - self._last_draft
             ok = dt < 2.0
             if ok and pol.costs.ready():
                 v0, v1 = pol.costs.verify_coef()

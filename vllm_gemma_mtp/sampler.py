@@ -142,8 +142,9 @@ class GemmaMTPRejectionSampler(_Base):
             target, temperature = truncate_top_k_top_p(target, temperature, sm.top_k, sm.top_p, nd)
         uniforms, seeds = self._randomness(metadata, sm, B, dev, self.synthetic_mode)
         V = target.shape[-1]
-        if metadata.draft_token_ids.numel():
-            self.invalid_drafts += int(((metadata.draft_token_ids < 0) | (metadata.draft_token_ids >= V)).sum())
+        if metadata.draft_token_ids.numel():  # a device-side tally: read only when stats() is asked
+            bad = ((metadata.draft_token_ids < 0) | (metadata.draft_token_ids >= V)).sum()
+            self.invalid_drafts = self.invalid_drafts + bad  # int + tensor: stays on the device
         # offset 0: every step draws fresh per-request seeds (from the request's own generator when seeded),
         # so a global step counter would only make seeded requests depend on the engine's history
         out = rejection_sample(metadata.draft_token_ids, metadata.cu_num_draft_tokens, target,
@@ -182,7 +183,7 @@ class GemmaMTPRejectionSampler(_Base):
     def stats(self) -> dict:
         return {"fused_steps": self.fused_steps, "features": dict(self.features), "fallbacks": dict(self.fallbacks),
                 "ragged_steps": self.ragged_steps, "rows_without_drafts": self.rows_without_drafts,
-                "invalid_drafts": self.invalid_drafts}
+                "invalid_drafts": int(self.invalid_drafts)}
 
 
 def _processed_logits(target, temperature, num_draft_tokens):
