@@ -49,16 +49,26 @@ def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_
                  dtype: str = "float32", max_model_len: int = 1024):
     """mode: none | builtin (vLLM's Gemma 4 MTP proposer) | plugin (fixed K) | adaptive (the plugin's default:
     per-request draft lengths). The plugin is switched per process by VLLM_GEMMA_MTP_ENABLE and
-    VLLM_GEMMA_MTP_ADAPTIVE, which the engine's worker processes read when they start."""
+    VLLM_GEMMA_MTP_ADAPTIVE, which the engine's processes read when they start; the caller's environment is
+    restored afterwards (a test process starts other engines later)."""
     from vllm import LLM
 
-    os.environ["VLLM_GEMMA_MTP_ENABLE"] = "0" if mode == "builtin" else "1"
-    os.environ["VLLM_GEMMA_MTP_ADAPTIVE"] = "1" if mode == "adaptive" else "0"
+    env = {"VLLM_GEMMA_MTP_ENABLE": "0" if mode == "builtin" else "1",
+           "VLLM_GEMMA_MTP_ADAPTIVE": "1" if mode == "adaptive" else "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     kw = dict(model=target, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max(2048, max_model_len), kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0)
     if mode != "none":
         kw["speculative_config"] = {"method": "mtp", "model": assistant, "num_speculative_tokens": k}
-    return LLM(**kw)
+    try:
+        return LLM(**kw)
+    finally:
+        for key, v in saved.items():
+            if v is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = v
 
 
 def _policy_probe(worker):

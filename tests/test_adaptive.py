@@ -23,6 +23,7 @@ def _engine(target, assistant=None, **env):
 
     from engine_utils import KV_CACHE_BYTES
 
+    env = {"VLLM_GEMMA_MTP_ADAPTIVE": "1", "VLLM_GEMMA_MTP_ENABLE": "1", **env}  # the defaults, whatever ran before
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -84,7 +85,7 @@ def test_adaptive_default_lossless_with_per_request_controls(trained):
 
     base, spec = trained
     spec.collective_rpc(_keep_recent)
-    plain = dict(temperature=0.0, max_tokens=64, ignore_eos=True)
+    plain = dict(temperature=0.0, max_tokens=160, ignore_eos=True)  # well past the calibration steps
     params = [SamplingParams(**plain) for _ in PROMPTS]
     params[1] = SamplingParams(**plain, extra_args={"gemma_mtp_speculate": False})
     params[2] = SamplingParams(**plain, extra_args={"gemma_mtp_max_draft_tokens": 2})
@@ -162,7 +163,7 @@ def test_zero_accept_pair_skips_draft_rounds(pair):
     from engine_utils import shutdown
 
     p = pair("zeroaccept")
-    sp = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
     prompts = [{"prompt_token_ids": [2, 10 + i]} for i in range(16)]
     spec = _engine(p / "target", p / "assistant")
     try:
@@ -170,7 +171,7 @@ def test_zero_accept_pair_skips_draft_rounds(pair):
         st = _proposer_stats(spec)
     finally:
         shutdown(spec)
-    assert all(o == [0] * 96 for o in out)  # the target's own output (every logit ties at token 0)
+    assert all(o == [0] * 256 for o in out)  # the target's own output (every logit ties at token 0)
     assert st["skipped_rounds"] > 0.6 * st["steps"], st
     assert st["decisions"].get("probe", 0) > 0
     hist = st["policy"]["chosen_k_hist"]
