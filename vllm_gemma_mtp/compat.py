@@ -81,6 +81,11 @@ def request_extra_args(runner, req_id):
     return getattr(sp, "extra_args", None)
 
 
+def request_is_seeded(runner, req_id) -> bool:
+    state = runner.requests.get(req_id) if runner is not None else None
+    return getattr(getattr(state, "sampling_params", None), "seed", None) is not None
+
+
 def uses_async_scheduling(runner) -> bool:
     return bool(getattr(runner, "use_async_scheduling", False))
 

@@ -295,9 +295,16 @@ class GemmaMTPProposer(_Base):
         caps = []
         for r in req_ids:
             if r not in self._caps:
-                self._caps[r] = controls.draft_cap(compat.request_extra_args(self.runner, r), k)
-            caps.append(self._caps[r])
+                # a seeded request drafts its full cap every step: its random draws then depend on its own
+                # acceptance only, so it reproduces whatever else is in the batch (the policy would tie its
+                # draft lengths, and so its RNG stream, to the load)
+                self._caps[r] = (controls.draft_cap(compat.request_extra_args(self.runner, r), k),
+                                 compat.request_is_seeded(self.runner, r))
+            caps.append(self._caps[r][0])
         dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None)
+        for i, r in enumerate(req_ids):
+            if self._caps[r][1]:
+                dec.lengths[i] = caps[i]
         self.stats.decisions[dec.reason] = self.stats.decisions.get(dec.reason, 0) + 1
         for r, p, n in zip(req_ids, P_host, dec.lengths):
             self._pending[r] = (p, n)
