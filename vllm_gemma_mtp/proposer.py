@@ -12,7 +12,8 @@ per-KV-group block tables; the drafting itself is ours:
 - no CUDA graphs are captured, so the E2B/E4B centroid head works on a CPU-only vLLM;
 - with adaptive speculation (the default) each request's draft length comes from policy.py every step:
   the proposer feeds it the acceptance it observes (how far each request's position moved since its last
-  drafts) and the step timings (verify: previous propose end -> this propose start; draft: the round), and
+  drafts) and the step timings (verify: previous propose start -> this one, less the previous draft round;
+  draft: the round itself), and
   returns ragged per-request drafts (lists under synchronous scheduling; -1-padded rows under async). A step
   where no request drafts runs no draft round at all.
 """
