@@ -77,7 +77,8 @@ def _policy_probe(worker):
     if st is None:
         return None
     return {"policy": st.policy, "decisions": dict(st.decisions), "steps": st.steps,
-            "skipped_rounds": st.skipped_rounds}
+            "skipped_rounds": st.skipped_rounds, "plain_steps": st.plain_steps,
+            "probes": getattr(d.policy, "probes", 0)}
 
 
 def policy_state(llm) -> dict | None:

@@ -1,6 +1,8 @@
 """Where one engine step's time goes: the engine runs in this process and the V1 runner's stages are timed.
 
     python scripts/profile_step.py --pair allaccept --mode plugin --k 4 --batch 1
+    python scripts/profile_step.py --pair trained --mode adaptive --schedule 0 --batch 16 --in-process
+        (every step at 0 drafts: compare the engine step with --mode none)
 
 Prints, per stage, calls and mean milliseconds per engine step (the stages nest: execute_model holds the
 target forward, sample_tokens holds the sampler and the draft round). Settings match scripts/bench.py.
@@ -72,6 +74,13 @@ def _clear_remote(worker):
     profile_step.TIMES.clear()
 
 
+def _script_remote(worker, schedule):
+    from vllm_gemma_mtp.policy import PolicyConfig, ScriptedPolicy
+
+    d = worker.model_runner.drafter
+    d.policy = ScriptedPolicy(PolicyConfig(max_k=d.policy.cfg.max_k), schedule)
+
+
 def _read_remote(worker):
     import profile_step
 
@@ -81,7 +90,10 @@ def _read_remote(worker):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="allaccept")
-    ap.add_argument("--mode", default="plugin", choices=("none", "builtin", "plugin"))
+    ap.add_argument("--mode", default="plugin", choices=("none", "builtin", "plugin", "adaptive"))
+    ap.add_argument("--schedule", default=None,
+                    help="adaptive mode: replace the policy by a fixed schedule of draft lengths, e.g. '0' (every "
+                         "step at 0 drafts: shows what a skipped draft round costs) or '4,0,2'")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -113,6 +125,9 @@ def main():
     llm = start_engine(str(d / "target"), str(d / "assistant"), args.mode, max(args.k, 1), max_num_seqs=16)
     if not args.in_process:
         llm.collective_rpc(_install_remote)
+    if args.schedule is not None:
+        sched = [int(x) for x in args.schedule.split(",")]
+        llm.collective_rpc(_script_remote, args=(sched,))
     timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1)
     if args.in_process:
         TIMES.clear()
@@ -129,7 +144,8 @@ def main():
         prof.disable()
     if not args.in_process:
         TIMES.update(llm.collective_rpc(_read_remote)[0])
-    steps = len(TIMES["engine step"]) or 1
+    # engine steps are timed only when the engine core runs in this process; else count the runner's steps
+    steps = len(TIMES["engine step"]) or len(TIMES.get("  runner.execute_model", ())) or 1
     print(f"\n{args.pair} {args.mode} K={args.k} batch={args.batch}: {r.tokens_per_s:.1f} tok/s, "
           f"MAL {r.mean_acceptance_length}, {steps} engine steps")
     print(f"{'stage':48s} {'calls':>7s} {'ms/step':>9s}")

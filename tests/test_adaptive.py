@@ -173,7 +173,11 @@ def test_zero_accept_pair_skips_draft_rounds(pair):
         shutdown(spec)
     assert all(o == [0] * 256 for o in out)  # the target's own output (every logit ties at token 0)
     assert st["skipped_rounds"] > 0.6 * st["steps"], st
+    # every step after a skipped round ran as plain decoding (no speculative metadata, plain sampler)
+    assert st["plain_steps"] >= st["skipped_rounds"] - 1, st
     assert st["decisions"].get("probe", 0) > 0
+    # rejected probes back off: far fewer than one per request every 16 steps
+    assert 0 < st["policy"]["probes"] < 16 * 256 / 16 / 2, st["policy"]
     hist = st["policy"]["chosen_k_hist"]
     assert hist[0] > 0.8 * sum(hist), hist
     assert st["policy"]["engine_acceptance"][0] < 0.1

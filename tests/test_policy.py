@@ -39,6 +39,29 @@ def test_good_requests_draft_and_poor_ones_do_not():
     assert ks[0] > 0 and ks[2] > 0 and ks[1] == 0
 
 
+def test_a_fixed_cost_per_spec_step_turns_a_marginal_batch_off():
+    """v2: what any step with drafts costs beyond its tokens. Worth paying for a batch that accepts well,
+    not for one that accepts little, whatever the per-token slope says."""
+    cpu_step = dict(verify=(12e-3, 0.02e-3, 10e-3), draft=(8e-3, 0.5e-3, 0.01e-3))  # overhead-bound, like this CPU
+    good, _ = choose_draft_lengths([[0.9] * 4] * 16, [4] * 16, max_k=4, round_len=4, **cpu_step)
+    poor, _ = choose_draft_lengths([[0.6] * 4] * 16, [4] * 16, max_k=4, round_len=4, **cpu_step)
+    assert min(good) > 0 and poor == [0] * 16
+    no_v2 = dict(cpu_step, verify=cpu_step["verify"][:2])
+    assert choose_draft_lengths([[0.6] * 4] * 16, [4] * 16, max_k=4, round_len=4, **no_v2)[0] != [0] * 16
+
+
+def test_cost_model_separates_the_spec_step_overhead():
+    cm = CostModel(PolicyConfig(max_k=4, cost_decay=1.0))
+    for B in (1, 4, 16):
+        for k in range(5):
+            tokens = B * (1 + k)
+            cm.observe_verify(tokens, 0.012 + 0.00002 * tokens + (0.01 if k else 0.0), B * k)
+    v0, v1, v2 = cm.verify_coef()
+    assert v0 == pytest.approx(0.012, rel=1e-3) and v1 == pytest.approx(2e-5, rel=1e-3)
+    assert v2 == pytest.approx(0.01, rel=1e-3)
+    assert cm.predict_verify(20, 16) == pytest.approx(0.012 + 0.0004 + 0.01, rel=1e-3)
+
+
 def test_caps_are_respected():
     ks, _ = choose_draft_lengths([[1.0] * 4] * 3, [0, 2, 4], max_k=4, **GPU)
     assert ks == [0, 2, 4]
@@ -50,7 +73,7 @@ def test_optimal_against_brute_force(seed):
     B, K = rnd.randint(1, 4), rnd.randint(1, 3)
     rates = [[rnd.random() for _ in range(K)] for _ in range(B)]
     caps = [rnd.randint(0, K) for _ in range(B)]
-    verify = (rnd.uniform(1e-3, 10e-3), rnd.uniform(1e-6, 2e-3))
+    verify = (rnd.uniform(1e-3, 10e-3), rnd.uniform(1e-6, 2e-3), rnd.choice([0.0, rnd.uniform(0, 10e-3)]))
     draft = (rnd.uniform(0, 1e-3), rnd.uniform(0, 1e-3), rnd.uniform(0, 1e-3))
     round_len = rnd.choice([None, K])
     ks, rate = choose_draft_lengths(rates, caps, verify, draft, K, round_len)
@@ -59,7 +82,8 @@ def test_optimal_against_brute_force(seed):
         e = B + sum(sum(_prod(rates[i][:j + 1]) for j in range(k)) for i, k in enumerate(v))
         c, rows = max(v), sum(1 for k in v if k > 0)
         L = round_len or c
-        t = verify[0] + verify[1] * (B + sum(v)) + ((draft[0] + draft[1] * L + draft[2] * rows * L) if c else 0)
+        t = verify[0] + verify[1] * (B + sum(v)) + ((verify[2] + draft[0] + draft[1] * L + draft[2] * rows * L)
+                                                    if c else 0)
         return e / t
 
     best = max(value(v) for v in itertools.product(*[range(c + 1) for c in caps]))
@@ -133,3 +157,96 @@ def test_cost_model_ready_needs_variety():
     assert not cm.ready()  # one token count only: the slope is unknown
     cm.observe_verify(8, 0.014)
     assert cm.ready()
+
+
+def test_rejected_probes_back_off_and_an_accepted_probe_resets():
+    cfg = PolicyConfig(max_k=4, probe_every=8, probe_backoff_max=4)
+    pol = DraftPolicy(cfg)
+    pol.steps = 10_000  # past calibration
+    for _ in range(20):  # a cost model that makes drafting useless unless acceptance is high
+        pol.costs.observe_verify(1, 0.01)
+        pol.costs.observe_verify(5, 0.05)
+        pol.costs.observe_draft(1, 1, 0.01)
+        pol.costs.observe_draft(1, 4, 0.04)
+    pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)  # engine-wide: never right
+    probe_steps, accept_from = [], 400
+    for step in range(600):
+        d = pol.decide(["a"], [4])
+        if d.lengths[0]:
+            probe_steps.append(step)
+            pol.observe("a", d.lengths[0], 1 if step >= accept_from else 0)
+    gaps = [b - a for a, b in zip(probe_steps, probe_steps[1:])]
+    before = [g for a, g in zip(probe_steps, gaps) if a < accept_from]
+    assert before[:3] == [17, 33, 33] and max(before) == 33, gaps  # 8 -> 16 -> 32 (capped at 4 x 8) steps idle
+    after = [g for a, g in zip(probe_steps, gaps) if a >= accept_from]
+    assert after and all(g <= 9 for g in after), gaps  # an accepted probe: back to every probe_every steps
+
+
+def test_a_policy_that_always_drafts_still_measures_a_plain_step():
+    cfg = PolicyConfig(max_k=4, explore_every=10)
+    pol = DraftPolicy(cfg)
+    keys = ["a", "b"]
+    reasons = []
+    for step in range(300):
+        d = pol.decide(keys, [4, 4])
+        reasons.append(d.reason)
+        for key, k in zip(keys, d.lengths):
+            pol.observe(key, k, k)  # a perfect drafter
+        n = sum(d.lengths)
+        pol.costs.observe_verify(2 + n, 0.010 + 0.0001 * (2 + n) + (0.002 if n else 0.0), n)
+        if n:
+            pol.costs.observe_draft(2, max(d.lengths), 0.0005 + 0.0002 * max(d.lengths))
+    late = reasons[100:]
+    assert late.count("explore") in (18, 19, 20) and late.count("policy") > 150, late  # 1 step in 11
+    assert all(reasons[i + 1] != "explore" for i, r in enumerate(reasons[:-1]) if r == "explore")
+    v0, v1, v2 = pol.costs.verify_coef()
+    assert abs(v0 + 2 * v1 - 0.0102) < 2e-4, (v0, v1, v2)  # the plain step's cost, still known
+
+
+def _request_rates(rates, ks, verify, draft, round_len):
+    """Each request's expected tokens per second under ks, and under a plain step."""
+    B = len(rates)
+    cum = [1 + sum(_prod(r[:j + 1]) for j in range(k)) for r, k in zip(rates, ks)]
+    c, rows = max(ks), sum(1 for k in ks if k)
+    L = round_len or c
+    t = verify[0] + verify[1] * (B + sum(ks)) + ((verify[2] + draft[0] + draft[1] * L + draft[2] * rows * L)
+                                                 if c else 0)
+    return [e / t for e in cum], 1 / (verify[0] + verify[1] * B)
+
+
+def test_no_request_is_slowed_below_plain_decoding():
+    """A batch with one request that accepts little: on overhead-bound costs (this CPU) drafting for the
+    others would slow that request to ~60% of its plain speed, so nobody drafts; on GPU-like costs, where a
+    spec step costs ~10% more, everyone drafts."""
+    rates = [[0.9] * 4] * 15 + [[0.3] * 4]
+    cpu_step = dict(verify=(12e-3, 0.02e-3, 10e-3), draft=(8e-3, 0.5e-3, 0.01e-3))
+    free, _ = choose_draft_lengths(rates, [4] * 16, max_k=4, round_len=4, **cpu_step)
+    assert sum(free) > 40  # the batch rate alone: the good ones draft
+    fair, _ = choose_draft_lengths(rates, [4] * 16, max_k=4, round_len=4, max_slowdown=0.05, **cpu_step)
+    assert fair == [0] * 16
+    gpu = dict(verify=(10e-3, 2e-6, 0.0), draft=(0.3e-3, 0.2e-3, 1e-6))
+    fair_gpu, _ = choose_draft_lengths(rates, [4] * 16, max_k=4, max_slowdown=0.05, **gpu)
+    assert min(fair_gpu[:15]) >= 3
+    per, plain = _request_rates(rates, fair_gpu, gpu["verify"], gpu["draft"], None)
+    assert min(per) >= 0.95 * plain
+    # a request with speculation off does not hold the others back
+    off, _ = choose_draft_lengths([[0.9] * 4] * 3 + [[0.0] * 4], [4, 4, 4, 0], max_k=4, max_slowdown=0.05, **gpu)
+    assert off[:3] == [4, 4, 4] and off[3] == 0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_slowdown_guard_is_feasible_and_never_better_than_free(seed):
+    rnd = random.Random(100 + seed)
+    B, K = rnd.randint(1, 6), rnd.randint(1, 4)
+    rates = [[rnd.random() for _ in range(K)] for _ in range(B)]
+    caps = [rnd.randint(0, K) for _ in range(B)]
+    verify = (rnd.uniform(1e-3, 10e-3), rnd.uniform(1e-6, 2e-3), rnd.uniform(0, 5e-3))
+    draft = (rnd.uniform(0, 1e-3), rnd.uniform(0, 1e-3), rnd.uniform(0, 1e-3))
+    round_len = rnd.choice([None, K])
+    free, r_free = choose_draft_lengths(rates, caps, verify, draft, K, round_len)
+    fair, r_fair = choose_draft_lengths(rates, caps, verify, draft, K, round_len, max_slowdown=0.05)
+    assert all(0 <= k <= c for k, c in zip(fair, caps))
+    assert r_fair <= r_free * (1 + 1e-9)
+    if any(fair):
+        per, plain = _request_rates(rates, fair, verify, draft, round_len)
+        assert all(p >= 0.95 * plain * (1 - 1e-9) for p, c in zip(per, caps) if c > 0), (fair, per, plain)

@@ -1,4 +1,5 @@
-"""`vllm serve` on loopback with the plugin active: completions answer, /metrics carries spec-decode counters."""
+"""`vllm serve` on loopback with the plugin active: completions answer, /metrics carries vLLM's spec-decode
+counters and the plugin's own metrics, consistent with each other under adaptive draft lengths."""
 
 import json
 import os
@@ -20,6 +21,43 @@ def _free_port() -> int:
 def _get(url, timeout=5):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.read().decode()
+
+
+def _samples(metrics: str, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of every sample of `name` in a Prometheus text page."""
+    out = []
+    for ln in metrics.splitlines():
+        if ln.startswith(name + "{") or ln.startswith(name + " "):
+            head, val = ln.rsplit(" ", 1)
+            out.append((head[len(name):], float(val)))
+    return out
+
+
+def _value(metrics: str, name: str, **labels) -> float:
+    hits = [v for lab, v in _samples(metrics, name) if all(f'{k}="{x}"' in lab for k, x in labels.items())]
+    assert len(hits) == 1, (name, labels, _samples(metrics, name))
+    return hits[0]
+
+
+def _check_plugin_metrics(metrics: str, k: int, n_requests: int) -> None:
+    count = _value(metrics, "gemma_mtp:draft_length_count")
+    total = _value(metrics, "gemma_mtp:draft_length_sum")  # draft tokens the plugin proposed
+    at0 = _value(metrics, "gemma_mtp:draft_length_bucket", le="0.0")
+    assert count > 0 and _value(metrics, "gemma_mtp:draft_length_bucket", le=f"{float(k)}") == count  # never > K
+    assert at0 >= 20  # the request with speculation off, ~24 steps at 0
+    assert _value(metrics, "gemma_mtp:steps_total") > 0
+    assert _value(metrics, "gemma_mtp:adaptive") == 1.0
+    assert _value(metrics, "gemma_mtp:draft_rounds_skipped_total") > 0
+    assert _value(metrics, "gemma_mtp:plain_steps_total") > 0
+    assert _value(metrics, "gemma_mtp:verify_cost_seconds", term="fixed") > 0
+    assert _value(metrics, "gemma_mtp:verify_cost_seconds", term="per_token") > 0
+    assert _value(metrics, "gemma_mtp:step_seconds_estimate") > 0
+    # vLLM's counters stay right with variable draft lengths: the scheduler verified what the plugin
+    # proposed, less each request's last proposal (never scheduled: the request had finished)
+    verified = _value(metrics, "vllm:spec_decode_num_draft_tokens_total")
+    assert total - k * n_requests <= verified <= total, (verified, total)
+    drafts = _value(metrics, "vllm:spec_decode_num_drafts_total")
+    assert count - at0 - n_requests <= drafts <= count - at0, (drafts, count, at0)
 
 
 def test_serve_completions_and_metrics(pair, tmp_path):
@@ -54,6 +92,14 @@ def test_serve_completions_and_metrics(pair, tmp_path):
             out = json.loads(r.read())
         assert out["usage"]["completion_tokens"] == 24
         assert isinstance(out["choices"][0]["text"], str)
+        # a batch well past the adaptive calibration (4 * (K + 1) steps), so the cost model is live
+        batch = json.dumps({"model": "tiny", "prompt": ["The quick brown fox", "Once upon a time", "a b c d",
+                                                        "1 2 3 4"], "max_tokens": 48, "temperature": 0,
+                            "ignore_eos": True}).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", data=batch,
+                headers={"Content-Type": "application/json"}), timeout=300) as r:
+            assert all(len(c["text"]) > 0 for c in json.loads(r.read())["choices"])
         _, metrics = _get(f"http://127.0.0.1:{port}/metrics")
         for name in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                      "vllm:spec_decode_num_accepted_tokens"):
@@ -81,6 +127,9 @@ def test_serve_completions_and_metrics(pair, tmp_path):
                 headers={"Content-Type": "application/json"}), timeout=120) as r:
             off = json.loads(r.read())
         assert off["choices"][0]["text"] == out["choices"][0]["text"]  # greedy: the same text, speculation off
+        time.sleep(1.5)  # the front end records stats as engine-core outputs arrive
+        _, metrics = _get(f"http://127.0.0.1:{port}/metrics")
+        _check_plugin_metrics(metrics, k=3, n_requests=1 + 4 + 1)
         text = Path(log).read_text()
         assert "vllm-gemma-mtp 0.1.0 active" in text
         assert "vllm-gemma-mtp 0.1.0: drafter loaded" in text  # the worker built our proposer

@@ -71,3 +71,5 @@ def install() -> None:
     compat.install_proposer(GemmaMTPProposer)
     compat.install_rejection_sampler(GemmaMTPRejectionSampler)
     compat.route_gemma4_mtp_to_v1_runner(current_options)
+    compat.patch_plain_steps()
+    compat.patch_metrics_transport()

@@ -5,19 +5,27 @@ that maximises the expected tokens emitted per second of step time for the whole
 
     E(k) = sum_i (1 + sum_{j <= k_i} P_ij)        P_ij = a_i1 * ... * a_ij, a_ij the request's conditional
                                                    acceptance at draft position j
-    T(k) = verify(B + sum_i k_i) + draft(B_d, max_i k_i)     (no draft term when every k_i = 0)
+    T(k) = verify(B + sum_i k_i, any k_i > 0) + draft(B_d, max_i k_i)     (no draft term when every k_i = 0)
 
-verify(tokens) = v0 + v1 * tokens and draft(B_d, c) = d0 + d1 * c + d2 * B_d * c are learned online from the
-engine's own step timings (exponentially weighted least squares), so the same code chooses on a 2-core CPU,
-where every verified token costs, and on a GPU, where K+1 tokens cost about what 1 costs until the batch is
-compute-bound. For a fixed longest draft c, E/T is maximised by Dinkelbach's iteration: with
+verify(tokens, s) = v0 + v1 * tokens + v2 * s and draft(B_d, c) = d0 + d1 * c + d2 * B_d * c are learned online
+from the engine's own step timings (exponentially weighted least squares), so the same code chooses on a 2-core
+CPU, where every verified token costs, and on a GPU, where K+1 tokens cost about what 1 costs until the batch
+is compute-bound. v2 is what a step with drafts costs beyond its tokens (speculative metadata, rejection
+sampling, the drafter's input preparation): the runner takes the plain path when no request drafts, so that
+cost comes with the first draft, not with each; a per-token slope alone mistook it for expensive tokens.
+For a fixed longest draft c, E/T is maximised by Dinkelbach's iteration: with
 lambda = E/T, each request takes the k <= c that maximises sum_{j<=k} P_ij - lambda * (v1 * k + d2 * c [k > 0]);
 every c in 0..K is tried and the best ratio wins (exact: tests/test_policy.py checks it against brute force).
 
 Acceptance: per request, decayed counts of accepted/tried per position, shrunk toward the engine-wide
 rates (themselves decayed counts over all requests), so a new request starts from what the engine has seen.
-A request at 0 drafts gets a 1-token probe every `probe_every` steps: it comes back when its text becomes
-predictable or the step cost drops.
+
+Exploration: a policy that keeps drafting runs one step without drafts every `explore_every` steps, so the
+cost of a plain step, which every choice is measured against, stays measured. A request at 0 drafts gets a
+1-token probe after `probe_every` steps: it comes back when its text becomes predictable or the step cost
+drops. A rejected probe doubles that request's wait (up to `probe_backoff_max` times), an accepted one resets
+it: with a drafter that is never right the probes, whose draft round can cost as much as a full one, fade
+out instead of taxing every 16th step.
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ class PolicyConfig:
     prior_weight: float = 3.0  # the engine-wide rates count as this many observations of a request
     cost_decay: float = 0.99  # per timing sample
     probe_every: int = 16  # steps at 0 drafts before a 1-token probe
+    probe_backoff_max: int = 16  # a rejected probe doubles the request's wait, up to this many probe_every
+    explore_every: int = 32  # steps with drafts before one step without, so the plain step's cost stays known
+    # no request that may draft is expected to get its tokens slower than (1 - this) x plain decoding; None:
+    # the batch's rate alone decides (see choose_draft_lengths)
+    max_slowdown: float | None = 0.05
     calibration_steps: int = 0  # steps of cycling k over 0..max_k at start (0: 4 * (max_k + 1))
     min_samples: int = 8
 
@@ -85,11 +98,12 @@ class CostModel:
 
     def __init__(self, cfg: PolicyConfig):
         self.cfg = cfg
-        self.verify = DecayedLeastSquares(2, cfg.cost_decay)  # [1, tokens]
+        self.verify = DecayedLeastSquares(3, cfg.cost_decay)  # [1, tokens, step carries drafts]
         self.draft = DecayedLeastSquares(3, cfg.cost_decay)  # [1, c, B * c]
 
-    def observe_verify(self, tokens: int, seconds: float) -> None:
-        self.verify.add([1.0, float(tokens)], seconds)
+    def observe_verify(self, tokens: int, seconds: float, drafts: int = 0) -> None:
+        """A step that scheduled `tokens` tokens, `drafts` of them draft tokens, took `seconds`."""
+        self.verify.add([1.0, float(tokens), 1.0 if drafts > 0 else 0.0], seconds)
 
     def observe_draft(self, rows: int, c: int, seconds: float) -> None:
         self.draft.add([1.0, float(c), float(rows * c)], seconds)
@@ -98,17 +112,22 @@ class CostModel:
         m = self.cfg.min_samples
         return (self.verify.count >= m and len(self.verify.distinct) >= 2 and self.draft.count >= m)
 
-    def verify_coef(self) -> tuple[float, float]:
-        v0, v1 = self.verify.coef
-        return max(v0, 0.0), max(v1, 1e-12)  # a verified token never costs nothing or less
+    def verify_coef(self) -> tuple[float, float, float]:
+        v0, v1, v2 = self.verify.coef
+        return max(v0, 0.0), max(v1, 1e-12), max(v2, 0.0)  # a verified token never costs nothing or less
+
+    def predict_verify(self, tokens: int, drafts: int = 0) -> float:
+        v0, v1, v2 = self.verify_coef()
+        return v0 + v1 * tokens + (v2 if drafts > 0 else 0.0)
 
     def draft_coef(self) -> tuple[float, float, float]:
         d0, d1, d2 = self.draft.coef
         return d0, d1, max(d2, 0.0)
 
     def snapshot(self) -> dict:
-        v0, v1 = self.verify_coef()
-        return {"verify_s_per_step": v0, "verify_s_per_token": v1, "draft_coef": list(self.draft_coef()),
+        v0, v1, v2 = self.verify_coef()
+        return {"verify_s_per_step": v0, "verify_s_per_token": v1, "verify_s_spec_overhead": v2,
+                "draft_coef": list(self.draft_coef()),
                 "verify_samples": self.verify.count, "draft_samples": self.draft.count}
 
 
@@ -161,19 +180,29 @@ class AcceptanceStats:
 
 def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tuple[float, float],
                          draft: tuple[float, float, float], max_k: int,
-                         round_len: int | None = None) -> tuple[list[int], float]:
+                         round_len: int | None = None,
+                         max_slowdown: float | None = None) -> tuple[list[int], float]:
     """Draft lengths [B] maximising expected tokens per second, and that rate.
 
+    max_slowdown: when set, no request that may draft (cap > 0) is expected to get its tokens slower than
+    (1 - max_slowdown) x what a step without drafts would give it. Without it the batch's rate alone decides,
+    and where each draft costs step time (a CPU) a request that accepts little pays for the others' drafts:
+    its own token rate drops below plain decoding's, and in a batch that waits for its slowest request the
+    whole batch gets slower. With it the choice is the best of the per-c optima and the uniform drafts
+    min(c, cap) that keep everyone at speed (all zeros always do).
+
     rates[i][j]: conditional acceptance of request i at draft position j+1; caps[i]: its limit;
-    verify = (v0, v1): v0 + v1 * tokens seconds; draft = (d0, d1, d2): d0 + d1 * c + d2 * rows * c seconds
-    for a round of longest draft c over `rows` drafting requests. round_len: the round always runs that many
-    steps whatever c is (a compiled round), so its cost does not shrink with c."""
+    verify = (v0, v1[, v2]): v0 + v1 * tokens seconds, + v2 when anyone drafts; draft = (d0, d1, d2):
+    d0 + d1 * c + d2 * rows * c seconds for a round of longest draft c over `rows` drafting requests.
+    round_len: the round always runs that many steps whatever c is (a compiled round), so its cost does not
+    shrink with c."""
     import numpy as np
 
     B = len(rates)
     if B == 0:
         return [], 0.0
-    v0, v1 = verify
+    v0, v1 = verify[0], verify[1]
+    v2 = verify[2] if len(verify) > 2 else 0.0
     d0, d1, d2 = draft
     caps_a = np.minimum(np.asarray(caps, dtype=np.int64), max_k)  # [B]
     r = np.clip(np.asarray([list(x[:max_k]) + [0.0] * (max_k - len(x[:max_k])) for x in rates], dtype=np.float64),
@@ -187,11 +216,34 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
         e = B + cum[np.arange(B), ks].sum()
         c, rows = int(ks.max()), int((ks > 0).sum())
         L = round_len or c
-        t = v0 + v1 * (B + int(ks.sum())) + (max(d0 + d1 * L + d2 * rows * L, 0.0) if c > 0 and rows else 0.0)
+        t = v0 + v1 * (B + int(ks.sum())) + (v2 + max(d0 + d1 * L + d2 * rows * L, 0.0) if c > 0 and rows else 0.0)
         return e / t if t > 0 else math.inf
 
     best_ks = np.zeros(B, dtype=np.int64)
     best = evaluate(best_ks)
+    # Bound first (most steps of a poor drafter end here, in a few microseconds): no drafting choice can
+    # emit more than every request at its cap, nor cost less than one draft token of one request.
+    e_max = B + cum[np.arange(B), caps_a].sum()
+    lens = [round_len] if round_len else range(1, max_k + 1)
+    t_min = v0 + v1 * (B + 1) + v2 + min(max(d0 + d1 * L + d2 * L, 0.0) for L in lens)
+    if caps_a.max(initial=0) == 0 or (t_min > 0 and e_max / t_min <= best):
+        return [0] * B, best
+    floor = None
+    if max_slowdown is not None:
+        t0 = v0 + v1 * B  # a plain step: each request gets 1 token in t0
+        floor = (1.0 - max_slowdown) / t0 if t0 > 0 else 0.0
+        guarded = caps_a > 0  # a request with speculation off is not held to it (it asked for plain decoding)
+
+        def feasible(ks):
+            if not ks.any():
+                return True
+            e_i = 1.0 + cum[np.arange(B), ks]  # [B]
+            rate = evaluate(ks)  # E / T
+            t = (B + cum[np.arange(B), ks].sum()) / rate
+            return bool(np.all(~guarded | (e_i / t >= floor)))
+
+        best_feasible, best_feasible_ks = best, best_ks
+    per_c = []  # the optimum for each longest draft c
     for c in range(1, max_k + 1):
         L = round_len or c
         ok = allowed & (ks_all[None, :] <= c)
@@ -205,8 +257,16 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
             ks = new
             lam = evaluate(ks)
         rate = evaluate(ks)
+        per_c.append(ks)
         if rate > best * (1 + 1e-12):
             best, best_ks = rate, ks
+    if floor is not None and not feasible(best_ks):  # (B = 1: never; the request's rate is the batch's)
+        for c, ks in enumerate(per_c, start=1):
+            for cand in (ks, np.minimum(caps_a, c)):
+                r_c = evaluate(cand)
+                if r_c > best_feasible * (1 + 1e-12) and feasible(cand):
+                    best_feasible, best_feasible_ks = r_c, cand
+        best, best_ks = best_feasible, best_feasible_ks
     return [int(k) for k in best_ks], best
 
 
@@ -226,6 +286,10 @@ class DraftPolicy:
     costs: CostModel = None
     steps: int = 0
     idle: dict = field(default_factory=dict)  # request -> steps since it last drafted
+    wait: dict = field(default_factory=dict)  # request -> steps at 0 before its next probe (backoff)
+    probes: int = 0  # request-steps that were probes
+    since_plain: int = 0  # steps since the last step in which nobody drafted
+    explored: int = 0  # steps forced to 0 drafts to re-measure a plain step
     chosen_hist: list = None  # how often each k was chosen, per request-step
     skipped_rounds: int = 0  # steps where no request drafted
 
@@ -242,25 +306,49 @@ class DraftPolicy:
         if self.steps <= calib or not self.costs.ready():
             k = self.steps % (K + 1)  # every draft length, so both cost models see variety
             lengths, reason, rate = [min(k, c) for c in caps], "calibration", 0.0
+        elif self.since_plain >= self.cfg.explore_every:
+            # A policy that always drafts stops seeing what a plain step costs, and its estimate of that
+            # drifts with the other terms (they are fitted together): one plain step now and then keeps the
+            # comparison the chooser makes honest. Costs at most 1/explore_every of the drafting gain.
+            lengths, reason, rate = [0] * len(caps), "explore", 0.0
+            self.explored += 1
         else:
             lengths, rate = choose_draft_lengths([self.acceptance.rates(key) for key in keys], caps,
-                                                 self.costs.verify_coef(), self.costs.draft_coef(), K, round_len)
+                                                 self.costs.verify_coef(), self.costs.draft_coef(), K, round_len,
+                                                 self.cfg.max_slowdown)
             reason = "policy"
             for i, key in enumerate(keys):
-                if lengths[i] == 0 and caps[i] > 0 and self.idle.get(key, 0) >= self.cfg.probe_every:
+                if (lengths[i] == 0 and caps[i] > 0
+                        and self.idle.get(key, 0) >= self.wait.get(key, self.cfg.probe_every)):
                     lengths[i] = 1
                     reason = "probe"
+                    self.probes += 1
         for key, k in zip(keys, lengths):
             self.idle[key] = 0 if k > 0 else self.idle.get(key, 0) + 1
             self.chosen_hist[k] += 1
         if not any(lengths):
             self.skipped_rounds += 1
+            self.since_plain = 0
+        else:
+            self.since_plain += 1
         return StepDecision(lengths, reason, rate)
+
+    def observe(self, key, drafted: int, accepted: int) -> None:
+        """What the request's last drafts showed: `accepted` of `drafted` were accepted."""
+        self.acceptance.observe(key, drafted, accepted)
+        if drafted <= 0:
+            return
+        base = self.cfg.probe_every
+        if accepted > 0:
+            self.wait.pop(key, None)
+        elif drafted == 1:  # a 1-token draft that failed: probe this request less often
+            self.wait[key] = min(2 * self.wait.get(key, base), base * self.cfg.probe_backoff_max)
 
     def forget(self, keys) -> None:
         self.acceptance.forget(keys)
         for k in keys:
             self.idle.pop(k, None)
+            self.wait.pop(k, None)
 
 
 class ScriptedPolicy(DraftPolicy):

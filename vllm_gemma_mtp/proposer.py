@@ -28,6 +28,7 @@ import torch
 
 from vllm_gemma_mtp import __version__, compat, controls
 from vllm_gemma_mtp.drafter import FULL, SLIDING, draft_greedy, load_drafter, target_store_layers
+from vllm_gemma_mtp.metrics import StepCounters
 from vllm_gemma_mtp.plugin import current_options
 from vllm_gemma_mtp.policy import DraftPolicy, PolicyConfig
 
@@ -48,14 +49,24 @@ class ProposerStats:
     compiled: bool = False  # the draft round runs as a torch.compile graph
     steps: int = 0  # propose calls
     skipped_rounds: int = 0  # steps where no request drafted (no draft round ran)
+    plain_steps: int = 0  # steps the runner ran as plain decoding (no request carried drafts)
     decisions: dict = field(default_factory=dict)  # policy reason -> steps
-    policy: dict | None = None  # the policy's state: chosen-K histogram, cost estimates
+    source: object = None  # the DraftPolicy, read when asked (not rebuilt every step)
+
+    @property
+    def policy(self) -> dict | None:
+        """The policy's state: chosen-K histogram, cost estimates, engine-wide acceptance."""
+        pol = self.source
+        if pol is None:
+            return None
+        return {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds, "probes": pol.probes,
+                **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
                 "propose_seconds": self.propose_seconds, "recent": list(self.recent), "compiled": self.compiled,
-                "steps": self.steps, "skipped_rounds": self.skipped_rounds, "decisions": dict(self.decisions),
-                "policy": self.policy}
+                "steps": self.steps, "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps,
+                "decisions": dict(self.decisions), "policy": self.policy}
 
 
 class GemmaMTPProposer(_Base):
@@ -75,6 +86,8 @@ class GemmaMTPProposer(_Base):
         self.sliding_window = int(text.sliding_window or 0)
         K = int(self.speculative_config.num_speculative_tokens)
         self.policy = DraftPolicy(PolicyConfig(max_k=K)) if self.options.adaptive else None
+        self.stats.source = self.policy
+        self.counters = StepCounters(max_k=K, adaptive=self.options.adaptive)  # -> Prometheus (metrics.py)
         self._pending: dict = {}  # req_id -> (last accepted position when drafted, drafts given)
         self._caps: dict = {}  # req_id -> per-request draft cap (extra_args)
         self._last_end: float | None = None  # perf_counter at the end of the previous propose
@@ -159,6 +172,11 @@ class GemmaMTPProposer(_Base):
     def initialize_cudagraph_keys(self, cudagraph_mode) -> None:
         pass  # the drafter runs eagerly
 
+    def note_plain_step(self) -> None:
+        """The runner runs this step as plain decoding (compat.patch_plain_steps)."""
+        self.stats.plain_steps += 1
+        self.counters.plain_steps += 1
+
     def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False, slot_mappings=None):
         pass  # nothing to capture or warm; no collectives (TP=1 drafter)
 
@@ -214,6 +232,9 @@ class GemmaMTPProposer(_Base):
         B = cad.batch_size()
         st = self.stats
         st.steps += 1
+        # the runner passes sample indices only for a step with speculative metadata, i.e. one that verified
+        # drafts (compat.patch_plain_steps runs a step without drafts as plain decoding)
+        verified_drafts = token_indices_to_sample is not None
         if token_indices_to_sample is None:
             token_indices_to_sample = cad.query_start_loc[1:] - 1
         idx = token_indices_to_sample[:B].long()
@@ -223,7 +244,10 @@ class GemmaMTPProposer(_Base):
         lengths, rows = [k] * B, None
         if self.policy is not None:
             req_ids = list(self.runner.input_batch.req_ids[:B])
-            lengths = self._decide(req_ids, P.tolist(), t0, int(cad.num_actual_tokens), k)
+            n_tok = int(cad.num_actual_tokens)
+            lengths = self._decide(req_ids, P.tolist(), t0, n_tok, k, n_tok - B if verified_drafts else 0)
+        self.counters.record(lengths)
+        if self.policy is not None:
             self._last_start, self._last_draft = t0, 0.0
             if not any(lengths):  # nobody drafts: no draft round, the step is plain decoding
                 st.skipped_rounds += 1
@@ -269,7 +293,7 @@ class GemmaMTPProposer(_Base):
             return drafts
         return self._ragged(drafts, lengths, B, k, rows)
 
-    def _decide(self, req_ids, P_host, t0, num_tokens, k) -> list[int]:
+    def _decide(self, req_ids, P_host, t0, num_tokens, k, drafts) -> list[int]:
         """Learn from what the previous step showed, then choose this step's draft lengths."""
         pol = self.policy
         if self._last_end is not None:
@@ -279,15 +303,15 @@ class GemmaMTPProposer(_Base):
             dt = t0 - self._last_start - self._last_draft
             ok = dt < 2.0
             if ok and pol.costs.ready():
-                v0, v1 = pol.costs.verify_coef()
-                ok = dt < 10 * (v0 + v1 * num_tokens) + 0.05  # an idle gap between calls is no step cost
+                # an idle gap between calls is no step cost
+                ok = dt < 10 * pol.costs.predict_verify(num_tokens, drafts) + 0.05
             if ok:
-                pol.costs.observe_verify(num_tokens, dt)
+                pol.costs.observe_verify(num_tokens, dt, drafts)
         seen = set(req_ids)
         for r, p in zip(req_ids, P_host):
             prev = self._pending.get(r)
             if prev is not None and prev[1] > 0 and p > prev[0]:
-                pol.acceptance.observe(r, prev[1], p - prev[0] - 1)
+                pol.observe(r, prev[1], p - prev[0] - 1)
         gone = [r for r in self._pending if r not in seen]
         pol.forget(gone)
         for r in gone:
@@ -302,6 +326,8 @@ class GemmaMTPProposer(_Base):
                 self._caps[r] = (controls.draft_cap(compat.request_extra_args(self.runner, r), k),
                                  compat.request_is_seeded(self.runner, r))
             caps.append(self._caps[r][0])
+        self.stats.source = pol  # tests and bisecting swap the policy
+        probes_before = pol.probes
         dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None)
         for i, r in enumerate(req_ids):
             if self._caps[r][1]:
@@ -309,8 +335,16 @@ class GemmaMTPProposer(_Base):
         self.stats.decisions[dec.reason] = self.stats.decisions.get(dec.reason, 0) + 1
         for r, p, n in zip(req_ids, P_host, dec.lengths):
             self._pending[r] = (p, n)
-        self.stats.policy = {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds,
-                             **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
+        self.counters.probes += pol.probes - probes_before
+        if pol.costs.ready():
+            n = sum(dec.lengths)
+            c, rows = max(dec.lengths, default=0), sum(1 for x in dec.lengths if x)
+            L = k if self.stats.compiled else c
+            d0, d1, d2 = pol.costs.draft_coef()
+            est = pol.costs.predict_verify(len(req_ids) + n, n) + (max(d0 + d1 * L + d2 * rows * L, 0.0)
+                                                                   if n else 0.0)
+            self.counters.costs = {"verify": list(pol.costs.verify_coef()), "draft": [d0, d1, d2],
+                                   "step_estimate": est}
         return dec.lengths
 
     def _ragged(self, drafts, lengths, B, k, rows=None):

@@ -1,0 +1,81 @@
+"""The plugin's metrics without an engine: the worker-side counters, their merge in the engine core, the
+SchedulerStats field crossing vLLM's own engine-core -> front-end encoding, and the stat logger writing
+Prometheus samples. (On a real server, against vLLM's spec-decode counters: tests/test_serve.py.)"""
+
+from types import SimpleNamespace
+
+from vllm_gemma_mtp.metrics import StepCounters, merge
+
+
+def test_counters_take_deltas_and_merge():
+    c = StepCounters(max_k=4, adaptive=True)
+    assert c.take() is None  # nothing happened: nothing to send
+    c.record([4, 0, 2])
+    c.record([0, 0, 0], probes=0)
+    c.plain_steps += 1
+    c.record([1, 0, 0], probes=1)
+    c.costs = {"verify": [0.01, 1e-4, 2e-3], "draft": [1e-3, 2e-3, 1e-5], "step_estimate": 0.02}
+    a = c.take()
+    assert a["k_hist"] == [6, 1, 1, 0, 1] and a["steps"] == 3 and a["skipped_rounds"] == 1
+    assert a["plain_steps"] == 1 and a["probes"] == 1
+    assert c.take() is None  # taken: counts restart
+    c.record([9, -1])  # out of range lengths are clipped into the histogram, never lost
+    b = c.take()
+    assert b["k_hist"] == [1, 0, 0, 0, 1] and b["costs"] == a["costs"]
+    m = merge(a, b)
+    assert m["k_hist"] == [7, 1, 1, 0, 2] and m["steps"] == 4 and merge(None, b) is b and merge(a, None) is a
+
+
+def test_scheduler_stats_field_crosses_vllm_encoding():
+    import vllm_gemma_mtp
+
+    vllm_gemma_mtp.register()  # installs the transport (SchedulerStats.gemma_mtp)
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    st = SchedulerStats(num_running_reqs=3)
+    assert st.gemma_mtp is None
+    c = StepCounters(max_k=2, adaptive=False)
+    c.record([2, 2])
+    st.gemma_mtp = c.take()
+    wire = MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=st))
+    back = MsgpackDecoder(EngineCoreOutputs).decode(wire)
+    assert back.scheduler_stats.num_running_reqs == 3
+    assert back.scheduler_stats.gemma_mtp["k_hist"] == [0, 0, 2]
+    plain = MsgpackDecoder(EngineCoreOutputs).decode(MsgpackEncoder().encode(EngineCoreOutputs(
+        scheduler_stats=SchedulerStats())))
+    assert plain.scheduler_stats.gemma_mtp is None
+
+
+def test_stat_logger_writes_prometheus_samples():
+    import prometheus_client
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    import vllm_gemma_mtp
+    from vllm_gemma_mtp.metrics import GemmaMTPStatLogger
+
+    vllm_gemma_mtp.register()
+    cfg = SimpleNamespace(speculative_config=SimpleNamespace(use_gemma4_mtp=lambda: True, num_speculative_tokens=3),
+                          model_config=SimpleNamespace(served_model_name="t"))
+    lg = GemmaMTPStatLogger(cfg, engine_index=7)
+    c = StepCounters(max_k=3, adaptive=True)
+    for lens in ([3, 0], [0, 0], [1, 1]):
+        c.record(lens)
+    c.costs = {"verify": [0.01, 1e-4, 2e-3], "draft": [1e-3, 2e-3, 1e-5], "step_estimate": 0.025}
+    st = SchedulerStats()
+    st.gemma_mtp = c.take()
+    lg.record(st, None)
+    lg.record(SchedulerStats(), None)  # a step without plugin data changes nothing
+    text = prometheus_client.generate_latest().decode()
+
+    def val(name, extra=""):
+        key = f'{name}{{engine="7",{extra}model_name="t"}}'  # the text sorts the labels by name
+        return float(next(ln for ln in text.splitlines() if ln.startswith(key)).split()[-1])
+
+    assert val("gemma_mtp:draft_length_count") == 6 and val("gemma_mtp:draft_length_sum") == 5
+    assert val("gemma_mtp:draft_length_bucket", 'le="0.0",') == 3
+    assert val("gemma_mtp:steps_total") == 3 and val("gemma_mtp:draft_rounds_skipped_total") == 1
+    assert val("gemma_mtp:step_seconds_estimate") == 0.025
+    assert any(ln.startswith('gemma_mtp:verify_cost_seconds{engine="7",model_name="t",term="spec_step"} 0.002')
+               for ln in text.splitlines())

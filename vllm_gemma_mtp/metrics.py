@@ -1,0 +1,203 @@
+"""The plugin's Prometheus metrics, on the same /metrics as vLLM's (and on Ray's metrics export when the
+engine runs inside a Ray actor, as vLLM's own do under Ray Serve).
+
+Where the numbers come from: the proposer, in the worker, counts what the policy chose each step
+(`StepCounters`, plain code). Every step the rank-0 worker attaches the counts since the previous step to
+its ModelRunnerOutput; the engine core adds them up and sends them to the front end inside the
+SchedulerStats it already sends (compat.patch_metrics_transport); the front end's `GemmaMTPStatLogger`, a
+`vllm.stat_logger_plugins` entry point that vLLM's AsyncLLM loads beside its own loggers, turns them into
+metrics. vLLM's `vllm:spec_decode_*` counters are untouched: the scheduler computes them from what was
+actually scheduled and accepted, so they stay right with variable draft lengths.
+
+Metrics (labels model_name, engine, like vLLM's):
+  gemma_mtp:draft_length                    histogram, one observation per request per step: its drafts
+  gemma_mtp:steps_total                     steps the plugin's proposer ran
+  gemma_mtp:draft_rounds_skipped_total      steps where no request drafted (no draft round ran)
+  gemma_mtp:plain_steps_total               steps the runner ran as plain decoding (no drafts to verify)
+  gemma_mtp:probes_total                    1-token probes of requests at 0 drafts
+  gemma_mtp:verify_cost_seconds{term}       the cost model's verify step: fixed, per_token, spec_step
+  gemma_mtp:draft_cost_seconds{term}        its draft round: fixed, per_step, per_row_step
+  gemma_mtp:step_seconds_estimate           predicted seconds of the latest step (verify + draft round)
+  gemma_mtp:adaptive                        1 when draft lengths are chosen per step, 0 for fixed K
+Only the offline `LLM` class loads no stat-logger plugins (vLLM's choice); there, `scripts/engine_runs.py`'s
+`policy_state` reads the same numbers from the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PREFIX = "gemma_mtp:"
+
+
+@dataclass
+class StepCounters:
+    """Worker side: what happened since the last `take()`. No vLLM imports."""
+
+    max_k: int
+    adaptive: bool
+    k_hist: list = None
+    steps: int = 0
+    skipped_rounds: int = 0
+    plain_steps: int = 0
+    probes: int = 0
+    costs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.k_hist = self.k_hist or [0] * (self.max_k + 1)
+
+    def record(self, lengths: list[int], probes: int = 0) -> None:
+        self.steps += 1
+        for n in lengths:
+            self.k_hist[min(max(int(n), 0), self.max_k)] += 1
+        if not any(lengths):
+            self.skipped_rounds += 1
+        self.probes += probes
+
+    def take(self) -> dict | None:
+        """The counts since the previous take (None when nothing happened), and the latest cost estimates."""
+        if not (self.steps or self.plain_steps):
+            return None
+        out = {"max_k": self.max_k, "adaptive": self.adaptive, "k_hist": list(self.k_hist), "steps": self.steps,
+               "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps, "probes": self.probes,
+               "costs": dict(self.costs)}
+        self.k_hist = [0] * (self.max_k + 1)
+        self.steps = self.skipped_rounds = self.plain_steps = self.probes = 0
+        return out
+
+
+def merge(a: dict | None, b: dict | None) -> dict | None:
+    """Two deltas as one (engine core: several worker outputs between two stats messages)."""
+    if a is None or b is None:
+        return a or b
+    out = dict(b)
+    n = max(len(a["k_hist"]), len(b["k_hist"]))
+    out["k_hist"] = [(a["k_hist"][i] if i < len(a["k_hist"]) else 0) + (b["k_hist"][i] if i < len(b["k_hist"]) else 0)
+                     for i in range(n)]
+    for key in ("steps", "skipped_rounds", "plain_steps", "probes"):
+        out[key] = a[key] + b[key]
+    out["costs"] = b["costs"] or a["costs"]
+    return out
+
+
+def _metric_classes():
+    """prometheus_client's classes, or vLLM's Ray wrappers of ray.util.metrics inside a Ray worker process
+    (Ray Serve / Ray Data replicas), where vLLM's own metrics go to Ray's export too."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from vllm.v1.metrics.ray_wrappers import RayCounterWrapper, RayGaugeWrapper, RayHistogramWrapper
+
+            return RayCounterWrapper, RayGaugeWrapper, RayHistogramWrapper, True
+    except ImportError:
+        pass
+    import prometheus_client
+
+    return prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram, False
+
+
+def _stat_logger_base():
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    return StatLoggerBase
+
+
+class _Metrics:
+    """One set of metric objects per process (prometheus_client refuses to register a name twice); each
+    engine is a label value."""
+
+    _instance = None
+
+    @classmethod
+    def get(cls, max_k: int):
+        if cls._instance is None:
+            cls._instance = cls(max_k)
+        return cls._instance
+
+    def __init__(self, max_k: int):
+        Counter, Gauge, Histogram, self.ray = _metric_classes()
+        labels = ["model_name", "engine"]
+        gauge_kw = {} if self.ray else {"multiprocess_mode": "mostrecent"}
+        self.draft_length = Histogram(PREFIX + "draft_length", "Draft tokens given to a request in one step "
+                                      "(0: plain decoding for it)", labelnames=labels,
+                                      buckets=[float(k) for k in range(max(max_k, 8) + 1)])
+        self.steps = Counter(PREFIX + "steps", "Engine steps run by the plugin's proposer", labelnames=labels)
+        self.skipped = Counter(PREFIX + "draft_rounds_skipped", "Steps where no request drafted, so no draft "
+                               "round ran", labelnames=labels)
+        self.plain = Counter(PREFIX + "plain_steps", "Steps the runner ran as plain decoding (no drafts to "
+                             "verify)", labelnames=labels)
+        self.probes = Counter(PREFIX + "probes", "1-token probes of requests at 0 drafts", labelnames=labels)
+        self.verify = Gauge(PREFIX + "verify_cost_seconds", "Learned verify-step cost: fixed + per_token * "
+                            "tokens + spec_step (when any request drafts)", labelnames=labels + ["term"], **gauge_kw)
+        self.draft = Gauge(PREFIX + "draft_cost_seconds", "Learned draft-round cost: fixed + per_step * K + "
+                           "per_row_step * rows * K", labelnames=labels + ["term"], **gauge_kw)
+        self.step = Gauge(PREFIX + "step_seconds_estimate", "The cost model's prediction for the latest step",
+                          labelnames=labels, **gauge_kw)
+        self.adaptive = Gauge(PREFIX + "adaptive", "1: draft lengths chosen per step; 0: fixed K",
+                              labelnames=labels, **gauge_kw)
+
+
+def make_stat_logger_class():
+    base = _stat_logger_base()
+
+    class GemmaMTPStatLogger(base):
+        """vLLM stat-logger plugin: the plugin's metrics from the SchedulerStats of each engine step."""
+
+        def __init__(self, vllm_config, engine_index: int = 0):
+            sc = vllm_config.speculative_config
+            self.active = bool(sc is not None and getattr(sc, "use_gemma4_mtp", lambda: False)())
+            if self.active:
+                from vllm_gemma_mtp.plugin import current_options
+
+                self.active = current_options().enabled
+            if not self.active:
+                return
+            self.m = _Metrics.get(int(sc.num_speculative_tokens))
+            self.labels = {"model_name": vllm_config.model_config.served_model_name, "engine": str(engine_index)}
+            self._label_cache: dict = {}
+
+        def _l(self, metric, **extra):
+            key = (id(metric), tuple(sorted(extra.items())))
+            if key not in self._label_cache:
+                self._label_cache[key] = metric.labels(**self.labels, **extra)
+            return self._label_cache[key]
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if not self.active or scheduler_stats is None:
+                return
+            d = getattr(scheduler_stats, "gemma_mtp", None)
+            if not d:
+                return
+            m = self.m
+            hist = self._l(m.draft_length)
+            for k, n in enumerate(d["k_hist"]):
+                for _ in range(n):
+                    hist.observe(k)
+            self._l(m.steps).inc(d["steps"])
+            self._l(m.skipped).inc(d["skipped_rounds"])
+            self._l(m.plain).inc(d["plain_steps"])
+            self._l(m.probes).inc(d["probes"])
+            self._l(m.adaptive).set(1.0 if d["adaptive"] else 0.0)
+            c = d.get("costs") or {}
+            if c:
+                for term, v in zip(("fixed", "per_token", "spec_step"), c["verify"]):
+                    self._l(m.verify, term=term).set(v)
+                for term, v in zip(("fixed", "per_step", "per_row_step"), c["draft"]):
+                    self._l(m.draft, term=term).set(v)
+                self._l(m.step).set(c["step_estimate"])
+
+        def log_engine_initialized(self):
+            pass
+
+    return GemmaMTPStatLogger
+
+
+def __getattr__(name):
+    # the entry point names `vllm_gemma_mtp.metrics:GemmaMTPStatLogger`; the class is built on first access
+    # so that importing this module (worker side: StepCounters) needs no vLLM
+    if name == "GemmaMTPStatLogger":
+        cls = make_stat_logger_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
