@@ -5,11 +5,17 @@ feature against no speculation without it must be told apart). Plus exact checks
 logprobs, structured output), hard constraints (allowed ids, bad words, min_tokens), seeded reproducibility,
 and the sampler's counters (every step on the fused path, ragged batches with 0-draft requests seen).
 
-Two engines stay up for the module (tiny models, 64 MiB of KV each)."""
+The plugin engine drafts a fixed K (VLLM_GEMMA_MTP_ADAPTIVE=0) so that every step carries drafts and each
+feature goes through the fused sampler: under adaptive speculation a low-acceptance T=1 workload runs mostly
+plain steps (vLLM's own sampler, correct by construction). The mixed batch also runs on a third, adaptive
+engine: seeded reproducibility while the batch moves between drafting and plain steps. (Adaptive random
+sampling's distribution: tests/test_adaptive.py.) Three engines stay up for the module (tiny models, 64 MiB
+of KV each)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,16 +39,22 @@ def engines():
               max_num_seqs=64, max_num_batched_tokens=512, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
               # JSON without free whitespace: the tiny pair, trained on Python, would fill it with newlines
               structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+    spec_cfg = {"method": "mtp", "model": str(PAIR / "assistant"), "num_speculative_tokens": K}
     base = LLM(**kw)
-    spec = None
+    up = {"none": base}
+    saved = os.environ.get("VLLM_GEMMA_MTP_ADAPTIVE")
     try:
-        spec = LLM(**kw, speculative_config={"method": "mtp", "model": str(PAIR / "assistant"),
-                                             "num_speculative_tokens": K})
-        yield {"none": base, "plugin": spec}
+        for name, adaptive in (("plugin", "0"), ("adaptive", "1")):
+            os.environ["VLLM_GEMMA_MTP_ADAPTIVE"] = adaptive  # read by the engine's processes at start
+            up[name] = LLM(**kw, speculative_config=spec_cfg)
+        yield up
     finally:
-        if spec is not None:
-            shutdown(spec)
-        shutdown(base)
+        if saved is None:
+            os.environ.pop("VLLM_GEMMA_MTP_ADAPTIVE", None)
+        else:
+            os.environ["VLLM_GEMMA_MTP_ADAPTIVE"] = saved
+        for llm in reversed(list(up.values())):
+            shutdown(llm)
 
 
 def _sample(llm, sp, n=N, prompt=PROMPT):
@@ -246,7 +258,8 @@ def test_structured_output_greedy_identical(engines):
         assert set(obj) == {"kind", "size", "ok"} and obj["kind"] in schema["properties"]["kind"]["enum"]
 
 
-def test_mixed_batch(engines):
+@pytest.mark.parametrize("mode", ["plugin", "adaptive"])
+def test_mixed_batch(engines, mode):
     """One generate call mixing greedy, random and seeded requests, more requests than max_num_seqs (late
     arrivals are verified with 0 drafts beside decoding ones) and grammar-trimmed drafts: greedy identical
     to no speculation, seeded requests reproduce in another batch, random ones keep the distribution, and
@@ -269,9 +282,9 @@ def test_mixed_batch(engines):
         if i % 50 == 25 and i // 50 < len(seeded):
             prompts.append(PROMPT)
             params.append(seeded[i // 50])
-    before = _sampler_stats(engines["plugin"])
-    outs = engines["plugin"].generate(prompts, params, use_tqdm=False)
-    after = _sampler_stats(engines["plugin"])
+    before = _sampler_stats(engines[mode])
+    outs = engines[mode].generate(prompts, params, use_tqdm=False)
+    after = _sampler_stats(engines[mode])
     got = [list(o.outputs[0].token_ids) for o in outs]
     ref = engines["none"].generate(prompts, params, use_tqdm=False)
     for p, x, y in zip(params, got, ref):
@@ -280,7 +293,7 @@ def test_mixed_batch(engines):
     rand_a = [x for p, x in zip(params, got) if p is rand]
     rand_b = [list(y.outputs[0].token_ids) for p, y in zip(params, ref) if p is rand]
     assert _two_sample_pvalue(rand_a, rand_b) > PVALUE
-    alone = engines["plugin"].generate([PROMPT] * len(seeded), seeded, use_tqdm=False)
+    alone = engines[mode].generate([PROMPT] * len(seeded), seeded, use_tqdm=False)
     want = {id(p): list(o.outputs[0].token_ids) for p, o in zip(seeded, alone)}
     for p, x in zip(params, got):
         if id(p) in want:

@@ -225,7 +225,11 @@ def patch_plain_steps() -> None:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         logits_indices, spec_meta, max_sampled = orig(self, scheduler_output, num_scheduled_tokens)
         if (spec_meta is not None and getattr(self.drafter, "plugin_name", None) == "vllm-gemma-mtp"
-                and not any(scheduler_output.scheduled_spec_decode_tokens.values())):
+                and not any(scheduler_output.scheduled_spec_decode_tokens.values())
+                # a seeded random request keeps its sampler: vLLM's plain sampler draws from the request's
+                # generator, the fused one from counter-based noise, so switching between them with the
+                # batch's drafts would tie its output to what else runs (0.32/0.33: input_batch.generators)
+                and not getattr(self.input_batch, "generators", None)):
             self.drafter.note_plain_step()
             return logits_indices, None, 1
         return logits_indices, spec_meta, max_sampled
