@@ -21,7 +21,8 @@ SETTINGS = {"k": 4, "num_prompts": 8, "max_tokens": 96}
 
 
 def measure(pair: Path = PAIR, k: int = SETTINGS["k"], num_prompts: int = SETTINGS["num_prompts"],
-            max_tokens: int = SETTINGS["max_tokens"]) -> dict:
+            max_tokens: int = SETTINGS["max_tokens"], mode: str = "plugin", **engine_kw) -> dict:
+    """mode: plugin (fixed K) or builtin; engine_kw go to the LLM (e.g. kv_cache_dtype="fp8")."""
     from transformers import AutoTokenizer
 
     from bench import code_prompts
@@ -29,22 +30,28 @@ def measure(pair: Path = PAIR, k: int = SETTINGS["k"], num_prompts: int = SETTIN
 
     tok = AutoTokenizer.from_pretrained(pair / "target")
     prompts = code_prompts(tok, num_prompts, tok.bos_token_id or 2)
-    llm = start_engine(str(pair / "target"), str(pair / "assistant"), "plugin", k, max_num_seqs=num_prompts)
+    llm = start_engine(str(pair / "target"), str(pair / "assistant"), mode, k, max_num_seqs=num_prompts, **engine_kw)
     try:
-        r = timed_runs(llm, prompts, max_tokens, runs=1, warmup=0, mode="plugin", k=k)
+        r = timed_runs(llm, prompts, max_tokens, runs=1, warmup=0, mode=mode, k=k)
     finally:
         stop_engine(llm)
-    return {"mean_acceptance_length": r.mean_acceptance_length,
-            "per_position_acceptance": r.per_position_acceptance, "num_drafts": r.num_drafts, **SETTINGS}
+    return {"mean_acceptance_length": r.mean_acceptance_length, "outputs": r.outputs,
+            "per_position_acceptance": r.per_position_acceptance, "num_drafts": r.num_drafts, **SETTINGS,
+            "mode": mode, **engine_kw}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--mode", default="plugin", choices=["plugin", "builtin"])
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
     args = ap.parse_args()
-    m = measure()
+    m = measure(mode=args.mode, kv_cache_dtype=args.kv_cache_dtype)
+    m.pop("outputs", None)
     print(json.dumps(m, indent=1))
     if args.record:
+        if args.mode != "plugin" or args.kv_cache_dtype != "auto":
+            raise SystemExit("--record keeps the default setting only (plugin, kv_cache_dtype auto)")
         RECORD.write_text(json.dumps(m, indent=1) + "\n")
         print("recorded", RECORD)
 

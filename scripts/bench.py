@@ -116,7 +116,12 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=48, help="prompt length in tokens (about)")
     ap.add_argument("--modes", default="builtin,plugin,adaptive", help="speculative modes beside no speculation")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="TP ranks per engine (CPU: one core per rank via VLLM_CPU_OMP_THREADS_BIND)")
     args = ap.parse_args()
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
     ks = [int(x) for x in args.ks.split(",")]
     spec_modes = args.modes.split(",")
     batches = [int(x) for x in args.batches.split(",")]
@@ -146,7 +151,7 @@ def main():
         def start(mode, k):
             bar.set_postfix_str(f"{pair} {mode} K={k}: starting engine")
             return start_engine(str(d / "target"), str(d / "assistant"), mode, max(k, 1), max_num_seqs=max(batches),
-                                max_model_len=mml)
+                                max_model_len=mml, tensor_parallel_size=tp)
 
         # the no-speculation engine stays up for the pair; built-in and plugin engines per K; all three are
         # timed round-robin (see engine_runs.interleaved_runs)
@@ -213,6 +218,7 @@ def main():
                 table.append("| " + " | ".join(cells) + " |")
     info = machine_info()
     settings = {"runs": args.runs, "max_tokens": args.max_tokens, "dtype": "float32", "enforce_eager": True,
+                "tensor_parallel_size": tp,
                 "plugin_compile": "torch.compile, C++ wrapper on CPU", "warmup_runs": 1, "greedy": True,
                 "timing": "engines of one pair and K up together, timed round-robin, one run of each per round"}
     (out / "bench.json").write_text(json.dumps({"machine": info, "settings": settings,

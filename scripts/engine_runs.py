@@ -46,7 +46,7 @@ def _spec_counters(llm) -> dict:
 
 
 def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_seqs: int = 16,
-                 dtype: str = "float32", max_model_len: int = 1024):
+                 dtype: str = "float32", max_model_len: int = 1024, **engine_kw):
     """mode: none | builtin (vLLM's Gemma 4 MTP proposer) | plugin (fixed K) | adaptive (the plugin's default:
     per-request draft lengths). The plugin is switched per process by VLLM_GEMMA_MTP_ENABLE and
     VLLM_GEMMA_MTP_ADAPTIVE, which the engine's processes read when they start; the caller's environment is
@@ -61,6 +61,7 @@ def start_engine(target: str, assistant: str | None, mode: str, k: int, max_num_
               max_num_batched_tokens=max(2048, max_model_len), kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0)
     if mode != "none":
         kw["speculative_config"] = {"method": "mtp", "model": assistant, "num_speculative_tokens": k}
+    kw.update(engine_kw)  # e.g. kv_cache_dtype
     try:
         return LLM(**kw)
     finally:

@@ -3,6 +3,7 @@
 
     python scripts/eval_trained_pair.py                     # K=4, query position P+1 (as trained)
     python scripts/eval_trained_pair.py --K 2 --q-offset 0  # vLLM's built-in convention (P)
+    python scripts/eval_trained_pair.py --kv-cache-dtype fp8 # drafter reads an fp8 round trip of the K/V
 
 Loads target/ with transformers and assistant/ with vllm_gemma_mtp.drafter.load_drafter, re-tokenizes the
 held-out stdlib modules listed in train_log.json and runs the same simulation as train_tiny_pair.py
@@ -33,6 +34,11 @@ def main():
     ap.add_argument("--prompts-per-file", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="drafter reads the target K/V through this cache dtype (fp8, fp8_e4m3, fp8_e5m2)")
+    ap.add_argument("--kv-scale", type=float, default=1.0, help="k/v scale of the quantized cache")
+    ap.add_argument("--read-bytes-as-integers", action="store_true",
+                    help="reproduce the pre-fix fp8 bug: the drafter read the cache's bytes as integers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -53,7 +59,19 @@ def main():
     a = SimpleNamespace(seed=hp["seed"], K=args.K, e_prompt=hp["e_prompt"],
                         e_new=args.new_tokens or hp["e_new"], e_per_file=args.prompts_per_file or hp["e_per_file"])
     out = {}
-    res = T.evaluate(a, target, drafter, tok, held, "eval", out, q_offset=args.q_offset)
+    transform = None
+    if args.kv_cache_dtype != "auto":
+        from vllm_gemma_mtp import kv_reader as R
+
+        f8 = R.storage_dtype(args.kv_cache_dtype, torch.float32)
+        if args.read_bytes_as_integers:
+            def transform(x):
+                return R.quantize(x, f8, args.kv_scale).view(torch.uint8).float()
+        else:
+            def transform(x):
+                return R.quantize(x, f8, args.kv_scale).float() * args.kv_scale
+    res = T.evaluate(a, target, drafter, tok, held, "eval", out, q_offset=args.q_offset, kv_transform=transform)
+    res["kv_cache_dtype"] = args.kv_cache_dtype + (" (bytes read as integers)" if args.read_bytes_as_integers else "")
     print(json.dumps({k: v for k, v in res.items() if k != "sample"}, indent=1))
 
 

@@ -475,12 +475,13 @@ def drafter_state_dict(drafter, hf_template) -> dict:
 
 
 @torch.no_grad()
-def evaluate(a, target, drafter, tok, held, log_key, log, q_offset: int = 1):
+def evaluate(a, target, drafter, tok, held, log_key, log, q_offset: int = 1, kv_transform=None):
     """Greedy K-step drafting on held-out prompts, simulating the plugin's rounds: for each prompt, the
     target's greedy continuation is generated, the target is run once over prompt+continuation, and a
     round starting at position P uses h_P, the K/V of positions <= P (sliding: (P-W, P]), bonus token
     seq[P+1] and q position P+q_offset (vllm_gemma_mtp.drafter.draft_greedy, batched over all P).
-    q_offset=1 is the convention the drafter is trained with (transformers'); 0 is vLLM's built-in one."""
+    q_offset=1 is the convention the drafter is trained with (transformers'); 0 is vLLM's built-in one.
+    kv_transform(K or V) -> what the drafter reads instead (e.g. an fp8 round trip)."""
     from vllm_gemma_mtp.drafter import FULL, SLIDING, draft_greedy
 
     g = torch.Generator().manual_seed(a.seed + 5)
@@ -496,6 +497,8 @@ def evaluate(a, target, drafter, tok, held, log_key, log, q_offset: int = 1):
     for s in seqs:
         x = s[None]
         h, _, kv, _ = target_features(target, x)
+        if kv_transform is not None:
+            kv = {t: (kv_transform(k), kv_transform(v)) for t, (k, v) in kv.items()}
         S = x.shape[1]
         starts = torch.arange(a.e_prompt - 1, S - 1)  # every possible round start P
         n = starts.numel()

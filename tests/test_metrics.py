@@ -79,3 +79,16 @@ def test_stat_logger_writes_prometheus_samples():
     assert val("gemma_mtp:step_seconds_estimate") == 0.025
     assert any(ln.startswith('gemma_mtp:verify_cost_seconds{engine="7",model_name="t",term="spec_step"} 0.002')
                for ln in text.splitlines())
+
+
+def test_draft_length_buckets_are_valid_ray_boundaries():
+    """Ray's histograms refuse a bound of 0: on Ray's export the first bucket is 0.5 (the replica crashed
+    at startup under Ray Serve before this)."""
+    from ray.util.metrics import Histogram
+
+    from vllm_gemma_mtp.metrics import draft_length_buckets
+
+    assert draft_length_buckets(4, ray=False)[:2] == [0.0, 1.0]
+    b = draft_length_buckets(4, ray=True)
+    assert b[0] == 0.5 and all(x > 0 for x in b) and len(b) == 9
+    Histogram("gemma_mtp_test_draft_length", "test", boundaries=b)  # raises on a bad boundary

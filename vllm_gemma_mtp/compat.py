@@ -113,30 +113,30 @@ def forward_context_layer(vllm_config, name: str):
     return vllm_config.compilation_config.static_forward_context[name]
 
 
-def split_kv_cache(kv_cache: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (K, V) views of one layer's paged cache, both [num_blocks, block_size, kv_heads, head_dim]."""
-    name = backend_name(layer)
-    if name == "CPU_ATTN":
-        # [nb, kvh, bs, 2d]: per (block, head) the key region is stored transposed ([d, bs], so a query
-        # dot-products contiguous rows) and the value region as [bs, d] (checked against transformers'
-        # K/V in tests/test_engine_lossless.py). Other ISAs pack blocks differently.
-        isa = getattr(layer, "isa", None)
-        if isa not in ("vec", "vec16"):
-            raise NotImplementedError(
-                f"vllm-gemma-mtp reads the CPU_ATTN cache layout of the 'vec'/'vec16' kernels, not {isa!r}")
-        nb, kvh, bs, d2 = kv_cache.shape
-        kv = kv_cache.view(nb, kvh, 2, bs * (d2 // 2))
-        k = kv[:, :, 0].view(nb, kvh, d2 // 2, bs).permute(0, 3, 1, 2)
-        v = kv[:, :, 1].view(nb, kvh, bs, d2 // 2).transpose(1, 2)
-        return k, v
-    if name in ("TRITON_ATTN", "FLASH_ATTN") and kv_cache.dim() == 4:
-        # logical [nb, kvh, bs, d_k + d_v], split on the last dim (vLLM 0.33 triton_attn/flash_attn)
-        t = kv_cache.transpose(1, 2)
-        d = kv_cache.shape[-1] // 2
-        return t[..., :d], t[..., d:]
-    raise NotImplementedError(
-        f"vllm-gemma-mtp cannot read the paged KV cache of attention backend {name} "
-        f"(shape {tuple(kv_cache.shape)}); supported: CPU_ATTN (vec), TRITON_ATTN, FLASH_ATTN")
+def layer_kv_cache(layer) -> torch.Tensor | None:
+    """The paged cache tensor bound to a target attention layer (None before the KV cache exists)."""
+    cache = getattr(layer, "kv_cache", None)
+    if isinstance(cache, (list, tuple)):  # older runners keep one tensor per virtual engine
+        cache = cache[0] if cache else None
+    return cache if isinstance(cache, torch.Tensor) and cache.numel() else None
+
+
+def layer_kv_scales(layer) -> tuple[float, float]:
+    """(k_scale, v_scale) the attention layer quantizes its cache with (x_stored = x / scale)."""
+    return float(getattr(layer, "_k_scale_float", 1.0)), float(getattr(layer, "_v_scale_float", 1.0))
+
+
+def platform_fp8_e4m3() -> torch.dtype:
+    """vLLM's e4m3 flavour on this platform (e4m3fn; e4m3fnuz on ROCm GPUs that use it)."""
+    try:
+        from vllm.platforms import current_platform
+
+        dt = current_platform.fp8_dtype()
+        if dt in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+            return dt
+    except Exception:  # noqa: BLE001 - a platform without fp8_dtype() stores e4m3fn (CPU)
+        pass
+    return torch.float8_e4m3fn
 
 
 def backend_name(layer) -> str:
@@ -154,8 +154,9 @@ def embed_weight(target_model: torch.nn.Module) -> torch.Tensor:
 
 
 def patch_spec_config_creation(hook) -> None:
-    """Call hook(speculative_config, target_model_config) right after vLLM builds the speculative config
-    in the front-end process, so a mismatched drafter fails before any worker starts."""
+    """Call hook(speculative_config, target_model_config, target_parallel_config=, kv_cache_dtype=) right
+    after vLLM builds the speculative config in the front-end process, so a mismatched drafter (or a cache it
+    cannot read) fails before any worker starts."""
     from vllm.engine.arg_utils import EngineArgs
 
     orig = EngineArgs.create_speculative_config
@@ -165,7 +166,8 @@ def patch_spec_config_creation(hook) -> None:
     def create_speculative_config(self, target_model_config, target_parallel_config):
         sc = orig(self, target_model_config, target_parallel_config)
         if sc is not None:
-            hook(sc, target_model_config)
+            hook(sc, target_model_config, target_parallel_config=target_parallel_config,
+                 kv_cache_dtype=str(getattr(self, "kv_cache_dtype", "auto")))
         return sc
 
     create_speculative_config._gemma_mtp_wrapped = True
@@ -315,3 +317,54 @@ def patch_metrics_transport() -> None:
         update_from_output._gemma_mtp_wrapped = True
         Scheduler.update_from_output = update_from_output
         Scheduler.make_stats = make_stats
+
+
+def platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+# ---- tensor parallelism -------------------------------------------------------------------------------
+def tp_rank_size() -> tuple[int, int]:
+    """(rank, world size) of this worker's tensor-parallel group; (0, 1) outside a distributed worker."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
+
+        if not model_parallel_is_initialized():
+            return 0, 1
+        g = get_tp_group()
+        return int(g.rank_in_group), int(g.world_size)
+    except Exception:  # noqa: BLE001 - no vLLM distributed state (unit tests)
+        return 0, 1
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the TP group, out of place (vLLM's op: a registered custom op, so a compiled round traces it)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    return get_tp_group().all_reduce(x)
+
+
+def tp_broadcast_ints(values: list[int] | None, n: int, device) -> list[int]:
+    """Rank 0's n ints on every rank of the TP group (one small tensor broadcast)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    g = get_tp_group()
+    t = (torch.tensor(values, dtype=torch.int64) if g.rank_in_group == 0
+         else torch.empty(n, dtype=torch.int64))
+    # the CPU group carries small host tensors without a device round trip (gloo)
+    torch.distributed.broadcast(t, src=g.ranks[0], group=g.cpu_group)
+    return t.tolist()
+
+
+def embed_shard(target_model: torch.nn.Module) -> tuple[int, int]:
+    """(first token id, real rows) of this rank's shard of the target's vocab-parallel input embedding."""
+    for root in (target_model, getattr(target_model, "language_model", None)):
+        emb = getattr(getattr(root, "model", None), "embed_tokens", None)
+        if emb is not None:
+            si = getattr(emb, "shard_indices", None)
+            if si is None:
+                return 0, int(emb.weight.shape[0])
+            return int(si.org_vocab_start_index), int(si.org_vocab_end_index - si.org_vocab_start_index)
+    raise AttributeError("vllm-gemma-mtp: the target model exposes no embed_tokens")

@@ -166,6 +166,7 @@ class _Layer(nn.Module):
         self.layer_type = s.layer_types[i]
         self.head_dim, self.num_kv_heads = g.head_dim, g.num_kv_heads
         H, nh = s.hidden, s.num_heads
+        self.num_heads = nh  # the query heads this rank computes (all of them unless sharded for TP)
         self.q_proj = nn.Linear(H, nh * g.head_dim, bias=False)
         self.o_proj = nn.Linear(nh * g.head_dim, H, bias=False)
         self.q_norm = nn.Parameter(torch.ones(g.head_dim))
@@ -202,6 +203,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
 
 
+@dataclass
+class TPShard:
+    """What a tensor-parallel rank needs: its reduction and its shard of the target's embedding."""
+    rank: int
+    size: int
+    all_reduce: object  # callable: sum of a tensor over the TP group (the same result on every rank)
+    vocab_start: int  # first token id of this rank's embedding shard
+    vocab_size_local: int  # real (unpadded) rows of the shard
+
+
+def tp_head_ranges(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int]:
+    """(first query head, query heads, KV heads) of a TP rank, following vLLM's KV sharding: KV heads are
+    split across ranks, or, with more ranks than KV heads, each rank holds one KV head (replicated), and the
+    query heads of a KV head are split among its replicas."""
+    g = num_heads // num_kv_heads
+    if size <= num_kv_heads:
+        if num_kv_heads % size:
+            raise DrafterConfigError(f"{num_kv_heads} KV heads cannot be split over tensor_parallel_size={size}")
+        n_kv = num_kv_heads // size
+        return rank * n_kv * g, n_kv * g, n_kv
+    if size % num_kv_heads:
+        raise DrafterConfigError(f"tensor_parallel_size={size} is not a multiple of the {num_kv_heads} KV heads")
+    replicas = size // num_kv_heads
+    if g % replicas:
+        raise DrafterConfigError(
+            f"the drafter's {g} query heads per KV head cannot be split over {replicas} ranks sharing that "
+            f"KV head (tensor_parallel_size={size})")
+    kv = rank // replicas
+    return kv * g + (rank % replicas) * (g // replicas), g // replicas, 1
+
+
 class MTPDrafter(nn.Module):
     """Gemma 4 MTP drafter. Weight names differ from the checkpoint only where merged for speed."""
 
@@ -220,6 +252,7 @@ class MTPDrafter(nn.Module):
         self.inv_freq = {lt: r.inv_freq(self._head_dim(lt)) for lt, r in s.rope.items()}
         self.embed_scale = math.sqrt(s.backbone)
         self.kernel_impl = "auto"
+        self.tp: TPShard | None = None  # set by shard_for_tp under tensor parallelism
 
     def _head_dim(self, lt: str) -> int:
         return self.spec.geometry[self.spec.layer_types.index(lt)].head_dim
@@ -267,9 +300,38 @@ class MTPDrafter(nn.Module):
         if t:
             raise DrafterConfigError(f"assistant checkpoint has unexpected tensors: {sorted(t)[:5]}")
 
+    def shard_for_tp(self, tp: TPShard) -> None:
+        """Keep this rank's query heads (those of its KV heads) in each layer: q_proj rows and o_proj columns;
+        the rest (projections, MLP, norms, head) stays whole on every rank, so the drafted tokens are the
+        same on every rank. One all-reduce per layer (after o_proj) and one per step (the embedding)."""
+        self.tp = tp if tp.size > 1 else None
+        if tp.size == 1:
+            return
+        with torch.no_grad():
+            for L in self.layers:
+                q0, nq, nkv = tp_head_ranges(self.spec.num_heads, L.num_kv_heads, tp.rank, tp.size)
+                d = L.head_dim
+                rows = slice(q0 * d, (q0 + nq) * d)
+                q_w, o_w = L.q_proj.weight[rows].clone(), L.o_proj.weight[:, rows].clone()
+                L.q_proj = nn.Linear(q_w.shape[1], q_w.shape[0], bias=False, device=q_w.device, dtype=q_w.dtype)
+                L.o_proj = nn.Linear(o_w.shape[1], o_w.shape[0], bias=False, device=o_w.device, dtype=o_w.dtype)
+                L.q_proj.weight.copy_(q_w)
+                L.o_proj.weight.copy_(o_w)
+                L.q_proj.requires_grad_(False)
+                L.o_proj.requires_grad_(False)
+                L.num_heads, L.num_kv_heads = nq, nkv
+
     # ---- one step --------------------------------------------------------------------------------
     def input_projection(self, token_ids: torch.Tensor, hidden: torch.Tensor, target_embed: torch.Tensor) -> torch.Tensor:
-        # token_ids [N], hidden [N, H_t], target_embed [V, H_t] -> [N, H_d]
+        # token_ids [N], hidden [N, H_t], target_embed [V, H_t] (under TP: this rank's vocab shard) -> [N, H_d]
+        if self.tp is not None:
+            # vocab-parallel lookup: each rank has the rows of its shard, zeros elsewhere; the sum over ranks
+            # is the full row. The kernel then "looks up" row i for token i.
+            local = token_ids.long() - self.tp.vocab_start
+            ok = (local >= 0) & (local < self.tp.vocab_size_local)
+            rows = target_embed[local.clamp(0, self.tp.vocab_size_local - 1)] * ok[:, None].to(target_embed.dtype)
+            target_embed = self.tp.all_reduce(rows)
+            token_ids = torch.arange(token_ids.shape[0], device=token_ids.device)
         return _input_proj.drafter_input_proj(
             token_ids, target_embed, self.embed_scale, hidden.to(target_embed.dtype),
             self.pre_projection.weight, impl=self.kernel_impl)
@@ -283,7 +345,7 @@ class MTPDrafter(nn.Module):
         Returns the post-norm drafter state y [B, Q, H_d]."""
         B, Q, _ = z.shape
         for L in self.layers:
-            nh, d, kvh = self.spec.num_heads, L.head_dim, L.num_kv_heads
+            nh, d, kvh = L.num_heads, L.head_dim, L.num_kv_heads
             g = nh // kvh
             a = rms_norm(z, L.norms[0], L.eps)
             q = rms_norm(L.q_proj(a).view(B, Q, nh, d), L.q_norm, L.eps)
@@ -297,7 +359,10 @@ class MTPDrafter(nn.Module):
                 m = m.unsqueeze(2).expand(B, 1, g, Q, m.shape[-1]).reshape(B, 1, g * Q, m.shape[-1])
             o = attend(q, K.to(q.dtype), V.to(q.dtype), m)
             o = o.view(B, kvh, g, Q, d).permute(0, 3, 1, 2, 4).reshape(B, Q, nh * d)
-            z = z + rms_norm(L.o_proj(o), L.norms[1], L.eps)
+            o = L.o_proj(o)
+            if self.tp is not None:  # this rank's heads' share of o_proj: sum over ranks, as the target does
+                o = self.tp.all_reduce(o)
+            z = z + rms_norm(o, L.norms[1], L.eps)
             gate, up = L.gate_up(rms_norm(z, L.norms[2], L.eps)).chunk(2, -1)
             m_out = L.down_proj(F.gelu(gate, approximate="tanh") * up)
             z = (z + rms_norm(m_out, L.norms[3], L.eps)) * L.layer_scalar
@@ -326,11 +391,17 @@ class MTPDrafter(nn.Module):
 
 
 def draft_greedy(drafter: MTPDrafter, target_embed: torch.Tensor, first_tokens: torch.Tensor,
-                 hidden: torch.Tensor, q_pos: torch.Tensor, kv: dict, mask: dict, k: int) -> torch.Tensor:
+                 hidden: torch.Tensor, q_pos: torch.Tensor, kv: dict, mask: dict, k: int,
+                 kv_scales: dict | None = None) -> torch.Tensor:
     """The whole draft round, greedy: first_tokens [B] (bonus/recovered), hidden [B, H_t] (target post-norm
-    hidden at the last accepted position), q_pos [B]. Same K/V, mask and query position for all k steps.
+    hidden at the last accepted position), q_pos [B]. Same K/V, mask and query position for all k steps;
+    K/V in the cache's storage dtype, with kv_scales[type] = (k_scale, v_scale) for a quantized cache.
     Returns [B, k] int64."""
-    rope = drafter.rope_tables(q_pos[:, None], drafter.pre_projection.weight.dtype)
+    from vllm_gemma_mtp.kv_reader import dequantize
+
+    dt = drafter.pre_projection.weight.dtype
+    kv = dequantize(kv, kv_scales, dt)  # once per round, not per step
+    rope = drafter.rope_tables(q_pos[:, None], dt)
     tok, h, out = first_tokens, hidden, []
     for _ in range(k):
         z = drafter.input_projection(tok, h, target_embed)  # [B, H_d]

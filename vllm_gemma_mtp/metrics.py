@@ -103,6 +103,15 @@ def _stat_logger_base():
     return StatLoggerBase
 
 
+def draft_length_buckets(max_k: int, ray: bool) -> list[float]:
+    """Upper bounds 0, 1, ..., max(K, 8). Ray's histograms refuse a bound of 0 (boundaries must be positive), so
+    on Ray's export the first bucket is le=0.5: the same integer counts."""
+    b = [float(k) for k in range(max(max_k, 8) + 1)]
+    if ray:
+        b[0] = 0.5
+    return b
+
+
 class _Metrics:
     """One set of metric objects per process (prometheus_client refuses to register a name twice); each
     engine is a label value."""
@@ -121,7 +130,7 @@ class _Metrics:
         gauge_kw = {} if self.ray else {"multiprocess_mode": "mostrecent"}
         self.draft_length = Histogram(PREFIX + "draft_length", "Draft tokens given to a request in one step "
                                       "(0: plain decoding for it)", labelnames=labels,
-                                      buckets=[float(k) for k in range(max(max_k, 8) + 1)])
+                                      buckets=draft_length_buckets(max_k, self.ray))
         self.steps = Counter(PREFIX + "steps", "Engine steps run by the plugin's proposer", labelnames=labels)
         self.skipped = Counter(PREFIX + "draft_rounds_skipped", "Steps where no request drafted, so no draft "
                                "round ran", labelnames=labels)

@@ -77,5 +77,12 @@ def from_env(environ=None) -> Options:
     return Options(**vals)
 
 
+def env_name(option: str) -> str:
+    """The variable suffix of an option name (e.g. "adaptive" -> "ADAPTIVE"); OptionsError if unknown."""
+    if option not in _SPEC:
+        raise OptionsError(f"unknown vllm-gemma-mtp option {option!r}; known options: {sorted(_SPEC)}")
+    return _SPEC[option][0]
+
+
 def help_text() -> str:
     return "\n".join(f"{PREFIX + v[0]} (default {v[1]}): {v[3]}" for v in _SPEC.values())

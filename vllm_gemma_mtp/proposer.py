@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_gemma_mtp import __version__, compat, controls
-from vllm_gemma_mtp.drafter import FULL, SLIDING, draft_greedy, load_drafter, target_store_layers
+from vllm_gemma_mtp.kv_reader import TargetKVReader, dequantize
+from vllm_gemma_mtp.drafter import FULL, SLIDING, TPShard, draft_greedy, load_drafter, target_store_layers
 from vllm_gemma_mtp.metrics import StepCounters
 from vllm_gemma_mtp.plugin import current_options
 from vllm_gemma_mtp.policy import DraftPolicy, PolicyConfig
@@ -80,8 +81,9 @@ class GemmaMTPProposer(_Base):
         text = vllm_config.model_config.hf_config.get_text_config()
         self._store_index = target_store_layers(text)  # layer type -> target layer index
         self._store_name: dict[str, str] = {}
-        self._store_gid: dict[str, int] = {}
-        self._kv_views: dict[str, tuple] = {}
+        self.kv: TargetKVReader | None = None  # built in load_model, once the layer names are known
+        self._layout_checked = False
+        self.tp_rank, self.tp_size = 0, 1  # this worker's tensor-parallel rank (load_model reads vLLM's)
         self.draft_attn_groups = []  # nothing for the runner to bind: we own no KV
         self.sliding_window = int(text.sliding_window or 0)
         K = int(self.speculative_config.num_speculative_tokens)
@@ -107,10 +109,16 @@ class GemmaMTPProposer(_Base):
             if name not in layers:
                 raise RuntimeError(f"vllm-gemma-mtp: target attention layer {name} not found")
             self._store_name[lt] = name
+        self.kv = TargetKVReader(self.vllm_config, self._store_name,
+                                 {lt: self.sliding_window if lt == SLIDING else 0 for lt in self._store_name})
         self.target_embed = compat.embed_weight(target_model)
         self.drafter = load_drafter(self.speculative_config.draft_model_config.model,
                                     self.vllm_config.model_config.hf_config,
                                     dtype=self.dtype, device=self.device)
+        self.tp_rank, self.tp_size = compat.tp_rank_size()
+        if self.tp_size > 1:
+            v0, nv = compat.embed_shard(target_model)
+            self.drafter.shard_for_tp(TPShard(self.tp_rank, self.tp_size, compat.tp_all_reduce, v0, nv))
         self.drafter.kernel_impl = "torch" if self.options.kernels == "torch" else (
             "triton" if self.options.kernels == "triton" else "auto")
         self.model = self.drafter  # the runner looks for `drafter.model` (LoRA/EPLB introspection)
@@ -119,9 +127,10 @@ class GemmaMTPProposer(_Base):
                                            and not self.vllm_config.model_config.enforce_eager):
             self._draft_fn = self._compile_draft_round()
             self.stats.compiled = True
-        logger.info("vllm-gemma-mtp %s: drafter loaded (%s head, H=%d); reads target KV of %s; options: %s",
-                    __version__, "centroid" if self.drafter.spec.centroids else "dense",
-                    self.drafter.spec.hidden, self._store_name, self.options.describe())
+        logger.info("vllm-gemma-mtp %s: drafter loaded (%s head, H=%d); reads target KV of %s, cache %s; "
+                    "tensor parallel rank %d/%d; options: %s", __version__,
+                    "centroid" if self.drafter.spec.centroids else "dense", self.drafter.spec.hidden,
+                    self._store_name, self.kv.describe(), self.tp_rank, self.tp_size, self.options.describe())
 
     def _compile_draft_round(self):
         """Per-op overhead dominates a small drafter on CPU (~300 tiny ops per step); inductor fuses them.
@@ -138,10 +147,10 @@ class GemmaMTPProposer(_Base):
             for B in (2, 1):
                 kv, mask = {}, {}
                 for lt in set(spec.layer_types):
-                    g = spec.geometry[spec.layer_types.index(lt)]
+                    g = d.layers[spec.layer_types.index(lt)]  # this rank's KV heads (all at TP=1)
                     S = 5 if lt == SLIDING else 7
-                    kv[lt] = tuple(torch.zeros(B, g.num_kv_heads, S, g.head_dim, dtype=dt, device=self.device)
-                                   for _ in range(2))
+                    kv[lt] = tuple(torch.zeros(B, g.num_kv_heads, S, g.head_dim, dtype=self.kv.dtype,
+                                               device=self.device) for _ in range(2))
                     mask[lt] = torch.ones(B, 1, 1, S, dtype=torch.bool, device=self.device)
                     for t in (*kv[lt], mask[lt]):
                         if B > 1:
@@ -153,21 +162,15 @@ class GemmaMTPProposer(_Base):
                 if B > 1:
                     for t in args:
                         torch._dynamo.mark_dynamic(t, 0)
-                fn(d, self.target_embed, args[0], args[1], args[2], kv, mask, self.num_speculative_tokens)
+                scales = ({lt: torch.ones(2, device=self.device) for lt in kv} if self.kv.quantized else None)
+                fn(d, self.target_embed, args[0], args[1], args[2], kv, mask, self.num_speculative_tokens, scales)
         logger.info("vllm-gemma-mtp: compiled the draft round in %.1f s", time.perf_counter() - t0)
         return fn
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
-        for gid, group in enumerate(kv_cache_config.kv_cache_groups):
-            for lt, name in self._store_name.items():
-                if name in group.layer_names:
-                    self._store_gid[lt] = gid
-        missing = set(self._store_name) - set(self._store_gid)
-        if missing:
-            raise RuntimeError(f"vllm-gemma-mtp: no KV-cache group holds the target layers for {missing}")
+        self.kv.bind_groups(kv_cache_config.kv_cache_groups)
         self.draft_attn_groups = []
-        self.kv_cache_gid = self._store_gid.get(FULL, next(iter(self._store_gid.values())))
-        self._kv_views = {}
+        self.kv_cache_gid = self.kv.group_of.get(FULL, next(iter(self.kv.group_of.values())))
 
     def initialize_cudagraph_keys(self, cudagraph_mode) -> None:
         pass  # the drafter runs eagerly
@@ -178,48 +181,22 @@ class GemmaMTPProposer(_Base):
         self.counters.plain_steps += 1
 
     def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False, slot_mappings=None):
-        pass  # nothing to capture or warm; no collectives (TP=1 drafter)
+        # nothing to capture or warm; the warm-up runs after the KV cache is bound, so a cache layout we
+        # cannot read fails here, before the engine serves (the profile run comes before: no cache yet)
+        if not self._layout_checked and self.kv is not None and self.kv.group_of:
+            self._layout_checked = self.kv.check_layout()
+            if self._layout_checked:
+                for L in self.drafter.layers:
+                    have = self.kv.local_kv_heads(L.layer_type)
+                    if have != L.num_kv_heads:
+                        raise RuntimeError(
+                            f"vllm-gemma-mtp: rank {self.tp_rank} of {self.tp_size} holds {have} KV heads of the "
+                            f"target's {L.layer_type} layer, the drafter expects {L.num_kv_heads}")
 
     # ---- drafting -------------------------------------------------------------------------------------
-    def _kv(self, lt: str):
-        # Views are rebuilt when the runner rebinds the cache tensor (e.g. after a KV re-init).
-        layer = compat.forward_context_layer(self.vllm_config, self._store_name[lt])
-        cache = layer.kv_cache
-        cached = self._kv_views.get(lt)
-        if cached is None or cached[0] is not cache:
-            k, v = compat.split_kv_cache(cache, layer)
-            cached = (cache, k, v)
-            self._kv_views[lt] = cached
-        return cached[1], cached[2]
-
     def gather_kv(self, lt: str, kv_len: torch.Tensor, max_len: int, rows: torch.Tensor | None = None):
-        """K/V [B, kvh, S, d] of keys (P-W, P] (sliding) or [0, P] (full) per request, and the mask
-        [B, 1, 1, S] of real keys. kv_len [B] = P + 1 of the batch rows `rows` (all when None)."""
-        k_cache, v_cache = self._kv(lt)
-        bs = k_cache.shape[1]
-        table = self._per_group_block_tables[self._store_gid[lt]]
-        if rows is None:
-            table = table[:kv_len.shape[0]]
-        else:
-            table = table[rows]
-        B = kv_len.shape[0]
-        if lt == SLIDING and self.sliding_window:
-            S = max(2, min(self.sliding_window, max_len))  # >= 2: size-1 dims would specialise the graph
-            pos = kv_len[:, None] - S + torch.arange(S, device=kv_len.device)
-        else:
-            S = max(2, max_len)
-            pos = torch.arange(S, device=kv_len.device).expand(B, S)
-        valid = (pos >= 0) & (pos < kv_len[:, None])
-        pos = torch.minimum(pos.clamp(min=0), (kv_len - 1)[:, None])
-        blk = table.gather(1, torch.div(pos, bs, rounding_mode="floor")).long()
-        off = pos % bs
-        # one advanced-indexing gather straight into [B, kvh, S, d] (fresh, standard strides: the compiled
-        # draft round is traced for those)
-        heads = torch.arange(k_cache.shape[2], device=blk.device)[None, :, None]
-        blk, off = blk[:, None, :], off[:, None, :]
-        K = k_cache[blk, off, heads]
-        V = v_cache[blk, off, heads]
-        return (K, V), valid[:, None, None, :]
+        """K/V [B, kvh, S, d] of the round (storage dtype) and its mask; see kv_reader.gather."""
+        return self.kv.gather(lt, self._per_group_block_tables, kv_len, max_len, rows)
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
@@ -270,10 +247,13 @@ class GemmaMTPProposer(_Base):
             kv, mask = {}, {}
             for lt in self._store_name:
                 kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len, rows)
+            scales = self.kv.scales(self.device)
             if probabilistic and rows is None and kk == k:
+                kv = dequantize(kv, scales, self.drafter.pre_projection.weight.dtype)
                 drafts = self._draft_probabilistic(first, hidden, q_pos, kv, mask, k, sampling_metadata)
             else:
-                drafts = self._draft_fn(self.drafter, self.target_embed, first, hidden, q_pos, kv, mask, kk)
+                drafts = self._draft_fn(self.drafter, self.target_embed, first, hidden, q_pos, kv, mask, kk,
+                                        scales)
         n_rows = drafts.shape[0]
         st.rounds += 1
         st.drafted_tokens += sum(lengths)
@@ -332,6 +312,10 @@ class GemmaMTPProposer(_Base):
         for i, r in enumerate(req_ids):
             if self._caps[r][1]:
                 dec.lengths[i] = caps[i]
+        if self.tp_size > 1:
+            # every rank must run the same draft round (its all-reduces are collectives), but each rank times
+            # its own steps: rank 0's choice is everyone's
+            dec.lengths = compat.tp_broadcast_ints(dec.lengths, len(req_ids), self.device)
         self.stats.decisions[dec.reason] = self.stats.decisions.get(dec.reason, 0) + 1
         for r, p, n in zip(req_ids, P_host, dec.lengths):
             self._pending[r] = (p, n)
