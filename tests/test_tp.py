@@ -120,3 +120,13 @@ def test_draft_tp_other_than_the_target_tp_is_refused():
     finally:
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     assert "vllm-gemma-mtp" in str(e.value)
+
+
+def test_ray_executor_on_cpu_gets_the_plugins_explanation():
+    from vllm import LLM
+
+    with pytest.raises(Exception, match="not available on a CPU platform") as e:
+        LLM(model=str(PAIR / "target"), dtype="float32", max_model_len=256, enforce_eager=True,
+            distributed_executor_backend="ray", kv_cache_memory_bytes=32 << 20,
+            speculative_config={"method": "mtp", "model": str(PAIR / "assistant"), "num_speculative_tokens": 4})
+    assert "vllm-gemma-mtp" in str(e.value) and "Ray Serve" in str(e.value)
