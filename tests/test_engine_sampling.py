@@ -131,7 +131,9 @@ def _compare(engines, sp_feature, sp_plain=None):
     if sp_plain is not None:
         c = _sample(engines["none"], sp_plain)
         p_power = _two_sample_pvalue(a, c)
-        assert p_power < 1e-6, f"the test cannot see the feature: p = {p_power:.2e}"
+        # power check on unseeded samples: 1e-6 flaked once in CI (top_p: p = 1.8e-5); 1e-4 is still far below
+        # PVALUE, so a feature the test cannot see still fails it
+        assert p_power < 1e-4, f"the test cannot see the feature: p = {p_power:.2e}"
     return a, b
 
 
