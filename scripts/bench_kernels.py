@@ -17,6 +17,9 @@ Baselines:
                 a [N, V] exponential-noise tensor (vLLM-style unfused sampler).
   centroid    : a dense LM head, (h @ lm_head.T).argmax(-1), over the full vocabulary;
                 the unfused torch centroid path is reported alongside for reference.
+  paged_attn  : today's drafter path, kv_reader.gather (a copy of the context K/V) +
+                kv_reader.dequantize + drafter.attend, against the kernel reading the paged
+                cache in place; GB/s counts the K/V bytes of the window read once.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ GOALS = {
     "rejection": "speed-up >= 2.0x vs unfused torch at 256 tokens and >= 70% of peak bandwidth",
     "input_proj": "speed-up >= 1.2x vs cat+matmul at <= 64 tokens",
     "centroid": "speed-up >= 3.0x vs dense-head argmax",
+    "paged_attn": "speed-up >= 1.5x vs gather+attend at 8k context",
 }
 
 GEMMA = dict(
@@ -55,8 +59,15 @@ GEMMA = dict(
     ks=[1, 2, 3, 4, 5, 6, 7, 8],
     centroids=2048,
     centroid_top_k=32,
+    # Gemma 4 31B attention, (name, kv heads, head dim, sliding window (0: full), G = query heads per KV head)
+    attn_layers=[("sliding", 16, 256, 1024, 2), ("full", 4, 512, 0, 8)],
+    batch_sizes=[1, 8],
+    contexts=[1024, 8192],
+    block_size=16,
 )
-DRY = dict(vocab=512, target_hidden=[64], drafter_hidden=[32], tokens=[1, 8], ks=[1, 2], centroids=16, centroid_top_k=4)
+DRY = dict(vocab=512, target_hidden=[64], drafter_hidden=[32], tokens=[1, 8], ks=[1, 2], centroids=16, centroid_top_k=4,
+           attn_layers=[("sliding", 2, 32, 16, 2), ("full", 1, 64, 0, 4)], batch_sizes=[1, 2], contexts=[32, 64],
+           block_size=16)
 
 
 def _peak(args) -> tuple[float | None, str]:
@@ -263,6 +274,63 @@ def bench_centroid(cfg, dev, dtype, timer, impl, progress):
     return rows
 
 
+# ----------------------------------------------------------------------------- paged attn
+
+
+def gather_attend(q, kc, vc, table, kv_len, max_len, window, scales):
+    """Today's drafter path: copy the context K/V out of the paged cache, dequantize the copy, attend."""
+    from vllm_gemma_mtp.drafter import attend
+    from vllm_gemma_mtp.kv_reader import dequantize, gather
+
+    (K, V), mask = gather(kc, vc, table, kv_len, max_len, window)
+    (K, V), = dequantize({"x": (K, V)}, None if scales is None else {"x": scales}, q.dtype).values()
+    return attend(q, K.to(q.dtype), V.to(q.dtype), mask)
+
+
+def bench_paged_attn(cfg, dev, dtype, timer, impl, progress, cache_dtypes):
+    from vllm_gemma_mtp.kernels.paged_attn import paged_attend, paged_attend_ref
+    from vllm_gemma_mtp.kv_reader import split_paged
+
+    rows = []
+    bs = cfg["block_size"]
+    backend = "TRITON_ATTN" if dev.type == "cuda" else "CPU_ATTN"
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, kvh, d, window, G in cfg["attn_layers"]:
+        for B in cfg["batch_sizes"]:
+            for ctx in cfg["contexts"]:
+                nblk = (ctx + bs - 1) // bs
+                nb = B * nblk + 1
+                for cache_name, storage in cache_dtypes:
+                    # a [nb, kvh, bs, 2d] cache of random values, viewed the way the drafter reads it
+                    raw = torch.randn(nb, kvh, bs, 2 * d, device=dev, generator=g, dtype=dtype).to(storage)
+                    if storage.itemsize == 1:
+                        raw = raw.view(torch.uint8)  # vLLM keeps fp8 caches as bytes
+                    kc, vc = split_paged(raw, backend, "vec", storage)
+                    table = torch.randperm(nb, device=dev, generator=g)[:B * nblk].view(B, nblk).to(torch.int32)
+                    kv_len = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+                    q = (torch.randn(B, kvh, G, d, device=dev, generator=g) / math.sqrt(d)).to(dtype)
+                    scales = None
+                    ks = vs = None
+                    if storage.itemsize == 1:
+                        scales = torch.tensor([0.5, 0.25], device=dev)
+                        ks, vs = scales[0], scales[1]
+                    kw = {} if impl == "torch" else dict(max_len=ctx)
+                    out = paged_attend(q, kc, vc, table, kv_len, window, ks, vs, impl=impl, **kw)
+                    ref = paged_attend_ref(q, kc, vc, table, kv_len, window, ks, vs)
+                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+                    t_k = timer(lambda: paged_attend(q, kc, vc, table, kv_len, window, ks, vs, impl=impl, **kw))
+                    t_b = timer(lambda: gather_attend(q, kc, vc, table, kv_len, ctx, window, scales))
+                    keys = min(window, ctx) if window else ctx
+                    elt = q.element_size()
+                    nbytes = 2 * B * kvh * keys * d * storage.itemsize + 2 * q.numel() * elt + table.numel() * 4
+                    rows.append(dict(kernel="paged_attn", shape=f"{name} B={B} {cache_name}", batch=B, tokens=ctx,
+                                     ms=t_k, base_ms=t_b, bytes=nbytes, check=f"relerr={err:.1e}", ok=err < 2e-2,
+                                     goal_applies=ctx == 8192, goal_speedup=1.5))
+                    del raw, kc, vc
+                    progress.update(1)
+    return rows
+
+
 # -------------------------------------------------------------------------------- report
 
 
@@ -306,7 +374,7 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kernels = [k for k in ("input_proj", "rejection", "centroid") if any(r["kernel"] == k for r in rows)]
+    kernels = [k for k in ("input_proj", "rejection", "centroid", "paged_attn") if any(r["kernel"] == k for r in rows)]
     fig, axes = plt.subplots(1, len(kernels), figsize=(6 * len(kernels), 4.5), squeeze=False)
     for ax, kern in zip(axes[0], kernels):
         sub = [r for r in rows if r["kernel"] == kern]
@@ -318,7 +386,7 @@ def _plot(rows, path):
             ax.axhline(goal, color="k", ls="--", lw=1, label=f"goal {goal}x")
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens")
+        ax.set_xlabel("context tokens" if kern == "paged_attn" else "tokens")
         ax.set_ylabel("speed-up vs torch baseline")
         ax.set_title(kern)
         ax.legend(fontsize=6)
@@ -329,12 +397,17 @@ def _plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernels", nargs="+", default=["input_proj", "rejection", "centroid"], choices=["input_proj", "rejection", "centroid"])
+    kernel_names = ["input_proj", "rejection", "centroid", "paged_attn"]
+    ap.add_argument("--kernels", nargs="+", default=kernel_names, choices=kernel_names)
     ap.add_argument("--tokens", nargs="+", type=int, help="token counts (default 1 8 64 256)")
     ap.add_argument("--ks", nargs="+", type=int, help="draft lengths for the rejection sampler (default 1..8)")
     ap.add_argument("--target-hidden", nargs="+", type=int)
     ap.add_argument("--drafter-hidden", nargs="+", type=int)
     ap.add_argument("--vocab", type=int, help="vocabulary size (default 262144; 512 with --dry-run)")
+    ap.add_argument("--contexts", nargs="+", type=int, help="paged_attn context lengths (default 1024 8192)")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, help="paged_attn batch sizes (default 1 8)")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["model", "fp8_e4m3"], choices=["model", "fp8_e4m3", "fp8_e5m2"],
+                    help="paged_attn cache dtypes (model: the --dtype)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--logits-dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--peak-gbps", type=float, help="peak memory bandwidth, if the device is not in the built-in table")
@@ -350,7 +423,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     cfg = dict(DRY if args.dry_run else GEMMA)
-    for key in ("tokens", "ks", "target_hidden", "drafter_hidden", "vocab"):
+    for key in ("tokens", "ks", "target_hidden", "drafter_hidden", "vocab", "contexts", "batch_sizes"):
         if getattr(args, key):
             cfg[key] = getattr(args, key)
     dev = torch.device("cpu" if args.dry_run else "cuda")
@@ -368,6 +441,10 @@ def main(argv=None):
         total += len(cfg["tokens"]) * len(cfg["ks"]) * 3 * 2
     if "centroid" in args.kernels:
         total += len(cfg["drafter_hidden"]) * len(cfg["tokens"])
+    fp8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+    cache_dtypes = [(args.dtype if c == "model" else c, fp8.get(c, dtype)) for c in dict.fromkeys(args.kv_cache_dtypes)]
+    if "paged_attn" in args.kernels:
+        total += len(cfg["attn_layers"]) * len(cfg["batch_sizes"]) * len(cfg["contexts"]) * len(cache_dtypes)
     rows = []
     with torch.inference_mode(), tqdm(total=total, desc="bench", unit="case") as progress:
         if "input_proj" in args.kernels:
@@ -376,6 +453,8 @@ def main(argv=None):
             rows += bench_rejection(cfg, dev, timer, impl, progress, getattr(torch, args.logits_dtype))
         if "centroid" in args.kernels:
             rows += bench_centroid(cfg, dev, dtype, timer, impl, progress)
+        if "paged_attn" in args.kernels:
+            rows += bench_paged_attn(cfg, dev, dtype, timer, impl, progress, cache_dtypes)
     rows = _finish(rows, peak)
     if args.dry_run:
         print("\nDRY RUN: both columns are torch code on CPU at toy sizes; the numbers only show the script works.")

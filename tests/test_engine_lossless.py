@@ -137,3 +137,15 @@ def test_random_sampling_through_fused_sampler(pair):
         assert stats["features"].get("top-k/top-p", 0) > 0 and not stats["fallbacks"]
     finally:
         shutdown(llm)
+
+
+@pytest.mark.parametrize("flavor", ["31b", "e2b"])
+def test_in_place_kv_path_lossless(pair, engine_runs, flavor):
+    """VLLM_GEMMA_MTP_PAGED_ATTENTION=1: the drafter attends the target's cache in place (kv_reader.PagedKV;
+    on CPU through the kernel's torch reference, on CUDA the Triton kernel) instead of a gathered copy."""
+    p = pair(flavor)
+    base = engine_runs(p / "target")
+    spec = engine_runs(p / "target", p / "assistant", 3, env={"VLLM_GEMMA_MTP_PAGED_ATTENTION": "1"})
+    assert spec.drafter_class == "GemmaMTPProposer"
+    assert spec.stats["paged"] and not spec.stats["compiled"] and spec.stats["rounds"] > 0
+    assert spec.outputs == base.outputs

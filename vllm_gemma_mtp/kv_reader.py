@@ -14,6 +14,8 @@ once at its start, so no dequantized copy of the cache is made outside the gathe
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vllm_gemma_mtp import compat
@@ -108,6 +110,27 @@ def gather(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, kv
     return (k_cache[blk, off, heads], v_cache[blk, off, heads]), valid[:, None, None, :]
 
 
+@dataclasses.dataclass(frozen=True)
+class PagedKV:
+    """One layer type's K/V left in the target's paged cache: the drafter attends it in place
+    (kernels.paged_attn) instead of a gathered copy. Same keys as gather(): (P-W, P] or [0, P]."""
+    k_cache: torch.Tensor  # [nb, bs, kvh, d] storage dtype (split_paged view)
+    v_cache: torch.Tensor
+    table: torch.Tensor  # [B, max_blocks] the drafted requests' block-table rows
+    kv_len: torch.Tensor  # [B] = P + 1
+    window: int  # 0: full attention
+    max_len: int  # host bound on kv_len (sizes the kernel's context split)
+    scales: torch.Tensor | None = None  # [2] (k_scale, v_scale) for a quantized cache
+
+    def attend(self, q: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """q [B, kvh, G, d] -> [B, kvh, G, d]."""
+        from vllm_gemma_mtp.kernels.paged_attn import paged_attend
+
+        ks, vs = (None, None) if self.scales is None else (self.scales[0], self.scales[1])
+        return paged_attend(q, self.k_cache, self.v_cache, self.table, self.kv_len, self.window, ks, vs,
+                            impl=impl, max_len=self.max_len)
+
+
 class TargetKVReader:
     """The paged K/V of the target layers the drafter reads (one per layer type), for one worker (rank)."""
 
@@ -170,6 +193,14 @@ class TargetKVReader:
         table = table[:kv_len.shape[0]] if rows is None else table[rows]
         return gather(k_cache, v_cache, table, kv_len, max_len, self.windows.get(lt, 0))
 
+    def paged(self, lt: str, block_tables, kv_len: torch.Tensor, max_len: int,
+              rows: torch.Tensor | None = None) -> PagedKV:
+        """The same keys as gather(), left in place for the paged attention kernel."""
+        k_cache, v_cache = self.views(lt)
+        table = block_tables[self.group_of[lt]]
+        table = table[:kv_len.shape[0]] if rows is None else table[rows]
+        return PagedKV(k_cache, v_cache, table, kv_len, self.windows.get(lt, 0), int(max_len))
+
     def scales(self, device) -> dict[str, torch.Tensor] | None:
         """Per layer type, tensor [2] = (k_scale, v_scale) that multiplies the stored K / V; None when the cache
         is unquantized (nothing to multiply). Read every round: calculate_kv_scales may set them late."""
@@ -192,7 +223,11 @@ def dequantize(kv: dict, scales: dict | None, dtype: torch.dtype) -> dict:
     if scales is None:
         return kv
     out = {}
-    for lt, (K, V) in kv.items():
+    for lt, entry in kv.items():
+        if isinstance(entry, PagedKV):  # dequantized in the kernel's registers
+            out[lt] = dataclasses.replace(entry, scales=scales[lt])
+            continue
+        K, V = entry
         s = scales[lt].to(dtype)
         out[lt] = (K.to(dtype) * s[0], V.to(dtype) * s[1])
     return out

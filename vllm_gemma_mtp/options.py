@@ -34,6 +34,10 @@ _SPEC = {
     "adaptive": ("ADAPTIVE", "1", None,
                  "choose each request's draft length every step (0..num_speculative_tokens) from its acceptance "
                  "and the learned step costs; 0 drafts the fixed num_speculative_tokens (benchmarks, bisecting)"),
+    "paged_attention": ("PAGED_ATTENTION", "auto", ("auto", "1", "0"),
+                        "the drafter attends the target's paged K/V in place (Triton kernel) instead of copying "
+                        "the round's context first: auto = when the draft round is eager and the kernels are "
+                        "Triton (CUDA); 1 = always (an eager round; on CPU through the torch reference)"),
     "force_v1_runner": ("FORCE_V1_RUNNER", "1", None,
                         "on vLLM >= 0.33 route Gemma 4 MTP through the V1 model runner, where the plugin's "
                         "proposer lives; 0 leaves Model Runner V2 and vLLM's built-in speculator (logged)"),
@@ -47,6 +51,7 @@ class Options:
     kernels: str = "auto"
     compile: str = "auto"
     adaptive: bool = True
+    paged_attention: str = "auto"
     force_v1_runner: bool = True
 
     @property
@@ -74,6 +79,9 @@ def from_env(environ=None) -> Options:
             if raw not in choices:
                 raise OptionsError(f"{PREFIX + var}={raw!r} is invalid; accepted values: {', '.join(choices)}")
             vals[name] = raw
+    if vals["paged_attention"] == "1" and vals["compile"] == "1":
+        raise OptionsError(f"{PREFIX}PAGED_ATTENTION=1 runs the draft round eagerly (the paged kernel is not "
+                           f"traced), which contradicts {PREFIX}COMPILE=1; set one of them to auto")
     return Options(**vals)
 
 

@@ -2,7 +2,8 @@
 
 `install()` runs in every vLLM process (front end, engine core, workers). It validates the options
 (a bad value fails right there), then
-  - points the V1 runner's `Gemma4Proposer` at our subclass (workers build the drafter from it);
+  - points the V1 runner's `Gemma4Proposer` at our subclass (workers build the drafter from it), when the
+    runner module is imported (a front end never imports it: ~10 s of vLLM imports it does not pay);
   - wraps the speculative-config creation so that, in the front-end process, a Gemma 4 MTP config is
     checked against the target (drafter geometry, checkpoint files) before any worker starts, and the one
     startup line is logged there;
@@ -35,7 +36,7 @@ def _vllm_logger():
 
 
 def check_speculative_config(spec_config, target_model_config, target_parallel_config=None,
-                             kv_cache_dtype: str = "auto") -> None:
+                             kv_cache_dtype: str = "auto", load_format: str = "auto") -> None:
     """Front-end check of a Gemma 4 MTP speculative config; raises DrafterConfigError on a bad pair."""
     draft_type = getattr(getattr(spec_config, "draft_model_config", None), "hf_config", None)
     draft_type = getattr(draft_type, "model_type", None)
@@ -49,7 +50,7 @@ def check_speculative_config(spec_config, target_model_config, target_parallel_c
         return
     from vllm_gemma_mtp.drafter import check_pair
 
-    check_pair(spec_config.draft_model_config.model, target_model_config.hf_config)
+    check_pair(spec_config.draft_model_config.model, target_model_config.hf_config, load_format)
     from vllm_gemma_mtp.kv_reader import check_cache_dtype
 
     check_cache_dtype(kv_cache_dtype)
@@ -96,17 +97,27 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    warning = compat.check_vllm_version()
+    if warning:
+        logger.warning(warning)
     compat.patch_spec_config_creation(check_speculative_config)
     if not opts.enabled:
         return
     from vllm_gemma_mtp import controls
 
     compat.patch_request_validation(controls.validate)
+    compat.route_gemma4_mtp_to_v1_runner(current_options)
+    compat.patch_metrics_transport()
+    compat.on_v1_runner_import(_install_runner_hooks)
+
+
+def _install_runner_hooks(_runner_module) -> None:
+    """Where the V1 runner lives (engine core / worker processes): our proposer and sampler, plain steps, the
+    worker half of the metrics transport."""
     from vllm_gemma_mtp.proposer import GemmaMTPProposer
     from vllm_gemma_mtp.sampler import GemmaMTPRejectionSampler
 
     compat.install_proposer(GemmaMTPProposer)
     compat.install_rejection_sampler(GemmaMTPRejectionSampler)
-    compat.route_gemma4_mtp_to_v1_runner(current_options)
     compat.patch_plain_steps()
-    compat.patch_metrics_transport()
+    compat.patch_runner_metrics()

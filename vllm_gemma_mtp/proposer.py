@@ -29,6 +29,7 @@ import torch
 from vllm_gemma_mtp import __version__, compat, controls
 from vllm_gemma_mtp.kv_reader import TargetKVReader, dequantize
 from vllm_gemma_mtp.drafter import FULL, SLIDING, TPShard, draft_greedy, load_drafter, target_store_layers
+from vllm_gemma_mtp.kernels import use_triton
 from vllm_gemma_mtp.metrics import StepCounters
 from vllm_gemma_mtp.plugin import current_options
 from vllm_gemma_mtp.policy import DraftPolicy, PolicyConfig
@@ -48,6 +49,7 @@ class ProposerStats:
     recent: list = field(default_factory=list)
     keep_recent: int = 0
     compiled: bool = False  # the draft round runs as a torch.compile graph
+    paged: bool = False  # the drafter reads the target's cache in place (paged attention kernel)
     steps: int = 0  # propose calls
     skipped_rounds: int = 0  # steps where no request drafted (no draft round ran)
     plain_steps: int = 0  # steps the runner ran as plain decoding (no request carried drafts)
@@ -66,6 +68,7 @@ class ProposerStats:
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
                 "propose_seconds": self.propose_seconds, "recent": list(self.recent), "compiled": self.compiled,
+                "paged": self.paged,
                 "steps": self.steps, "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps,
                 "decisions": dict(self.decisions), "policy": self.policy}
 
@@ -83,6 +86,7 @@ class GemmaMTPProposer(_Base):
         self._store_name: dict[str, str] = {}
         self.kv: TargetKVReader | None = None  # built in load_model, once the layer names are known
         self._layout_checked = False
+        self.paged = False  # attend the target's cache in place (load_model decides)
         self.tp_rank, self.tp_size = 0, 1  # this worker's tensor-parallel rank (load_model reads vLLM's)
         self.draft_attn_groups = []  # nothing for the runner to bind: we own no KV
         self.sliding_window = int(text.sliding_window or 0)
@@ -114,7 +118,8 @@ class GemmaMTPProposer(_Base):
         self.target_embed = compat.embed_weight(target_model)
         self.drafter = load_drafter(self.speculative_config.draft_model_config.model,
                                     self.vllm_config.model_config.hf_config,
-                                    dtype=self.dtype, device=self.device)
+                                    dtype=self.dtype, device=self.device,
+                                    load_format=compat.load_format(self.vllm_config))
         self.tp_rank, self.tp_size = compat.tp_rank_size()
         if self.tp_size > 1:
             v0, nv = compat.embed_shard(target_model)
@@ -123,14 +128,27 @@ class GemmaMTPProposer(_Base):
             "triton" if self.options.kernels == "triton" else "auto")
         self.model = self.drafter  # the runner looks for `drafter.model` (LoRA/EPLB introspection)
         self._draft_fn = draft_greedy
-        if self.options.compile == "1" or (self.options.compile == "auto"
-                                           and not self.vllm_config.model_config.enforce_eager):
+        compile_round = self.options.compile == "1" or (self.options.compile == "auto"
+                                                        and not self.vllm_config.model_config.enforce_eager)
+        # in place (no copy of the context per round) where the kernel is Triton and the round eager; the
+        # kernel is not traced, so an explicit PAGED_ATTENTION=1 turns the compiled round off (logged)
+        self.paged = self.options.paged_attention == "1" or (
+            self.options.paged_attention == "auto" and not compile_round
+            and use_triton(self.target_embed, self.drafter.kernel_impl))
+        if self.paged and compile_round:
+            logger.info("vllm-gemma-mtp: VLLM_GEMMA_MTP_PAGED_ATTENTION=1: the draft round runs eagerly")
+            compile_round = False
+        self.stats.paged = self.paged
+        if compile_round:
             self._draft_fn = self._compile_draft_round()
             self.stats.compiled = True
-        logger.info("vllm-gemma-mtp %s: drafter loaded (%s head, H=%d); reads target KV of %s, cache %s; "
-                    "tensor parallel rank %d/%d; options: %s", __version__,
+        logger.info("vllm-gemma-mtp %s: drafter loaded (%s head, H=%d%s); reads target KV of %s, cache %s, "
+                    "%s; tensor parallel rank %d/%d; options: %s", __version__,
                     "centroid" if self.drafter.spec.centroids else "dense", self.drafter.spec.hidden,
-                    self._store_name, self.kv.describe(), self.tp_rank, self.tp_size, self.options.describe())
+                    ", random weights: load_format=dummy" if compat.load_format(self.vllm_config) == "dummy" else "",
+                    self._store_name, self.kv.describe(),
+                    "in place (paged attention kernel)" if self.paged else "gathered per round",
+                    self.tp_rank, self.tp_size, self.options.describe())
 
     def _compile_draft_round(self):
         """Per-op overhead dominates a small drafter on CPU (~300 tiny ops per step); inductor fuses them.
@@ -246,7 +264,10 @@ class GemmaMTPProposer(_Base):
         with torch.inference_mode():
             kv, mask = {}, {}
             for lt in self._store_name:
-                kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len, rows)
+                if self.paged:
+                    kv[lt], mask[lt] = self.kv.paged(lt, self._per_group_block_tables, kv_len, max_len, rows), None
+                else:
+                    kv[lt], mask[lt] = self.gather_kv(lt, kv_len, max_len, rows)
             scales = self.kv.scales(self.device)
             if probabilistic and rows is None and kk == k:
                 kv = dequantize(kv, scales, self.drafter.pre_projection.weight.dtype)
