@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,13 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rp
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".vllm-cache"))
 
 MODES = ("none", "builtin", "plugin", "adaptive")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (servers, Ray dashboards and metrics exports in scripts and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

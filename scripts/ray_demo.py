@@ -13,24 +13,19 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine_runs import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
 TEXTS = ["def parse_args(argv):\n    ", "class Stack:\n    def __init__(self):\n        ",
          "import os\nimport sys\n\n\ndef main():\n    ", "    for i in range(len(items)):\n        ",
          "try:\n    import json\nexcept ImportError:\n    ", "def __repr__(self):\n        return "]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spec_counters(port: int) -> dict[str, float]:
@@ -72,7 +67,7 @@ def main():
     if not args.verbose:
         for name in ("ray", "ray.serve", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    metrics_port, http_port = _free_port(), _free_port()
+    metrics_port, http_port = free_port(), free_port()
     t0 = time.perf_counter()
     rt = gm_ray.job_runtime_env(env_vars={} if args.verbose else {"VLLM_LOGGING_LEVEL": "WARNING"})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -6,6 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(ROOT / "scripts"))  # shared helpers (engine_runs.free_port), scripts run by tests
 os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".vllm-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

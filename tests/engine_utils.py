@@ -62,7 +62,8 @@ def collect_metrics(llm) -> dict:
 
 
 def run_engine(target: str, assistant: str | None, k: int = 3, prompts=None, max_tokens: int = MAX_TOKENS,
-               env: dict | None = None, record_rounds: bool = False, **engine_kw) -> EngineResult:
+               env: dict | None = None, record_rounds: bool = False, sampling_params=None,
+               **engine_kw) -> EngineResult:
     from vllm import LLM, SamplingParams
 
     saved = {key: os.environ.get(key) for key in (env or {})}
@@ -77,7 +78,7 @@ def run_engine(target: str, assistant: str | None, k: int = 3, prompts=None, max
     try:
         if record_rounds:
             llm.collective_rpc(_keep_recent)
-        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        sp = sampling_params or SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": list(p)} for p in (prompts or PROMPTS)], sp, use_tqdm=False)
         cls, stats, nb, names = llm.collective_rpc(_worker_probe)[0]
         return EngineResult([list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs],

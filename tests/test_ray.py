@@ -12,12 +12,13 @@ actors on a small box); Data's tokenize/detokenize stages are off (rows carry to
 import copy
 import glob
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from engine_runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
@@ -27,12 +28,6 @@ ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, max_num_se
 MAX_TOKENS = 24
 TEXTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
          "for i in range(10):\n"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _draft_samples(metrics_port: int) -> dict[str, float]:
@@ -89,7 +84,7 @@ def cluster(offline, tmp_path_factory):
 
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    metrics_port = _free_port()
+    metrics_port = free_port()
     t0 = time.perf_counter()
     rt = gm_ray.job_runtime_env(options={"adaptive": False}, ship_plugin=True)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
@@ -127,7 +122,7 @@ def test_serve_app_answers_openai_like_offline_no_spec(cluster, offline):
 
     from vllm_gemma_mtp import ray as gm_ray
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.perf_counter()
     app = gm_ray.serve_app(TARGET, ASSISTANT, model_id="tiny-gemma4", num_speculative_tokens=4,

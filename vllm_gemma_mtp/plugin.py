@@ -35,6 +35,50 @@ def _vllm_logger():
     return init_logger("vllm.gemma_mtp")
 
 
+# more drafts per round than any MTP drafter keeps accepting (acceptance falls with position; anchors.md:
+# published Gemma 4 MTP runs use K <= 8); vLLM itself would accept 100 and schedule 100 tokens per request
+MAX_SPECULATIVE_TOKENS = 16
+_GEMMA4_TARGETS = ("gemma4", "gemma4_text", "gemma4_unified")
+
+
+class SpeculativeConfigError(ValueError):
+    """A speculative config for a Gemma 4 target that cannot work, named before vLLM builds it."""
+
+
+def _assistant_model_type(model) -> str | None:
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = Path(str(model)) / "config.json"
+        return json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def precheck_speculative_config(raw: dict, target_model_config) -> None:
+    """The raw --speculative-config of a Gemma 4 target, before vLLM builds it: the cases where vLLM itself
+    fails with an error that does not say what is wrong (a TypeError, an AttributeError deep in its config,
+    'Unsupported speculative method')."""
+    target_type = getattr(getattr(target_model_config, "hf_config", None), "model_type", None)
+    if target_type not in _GEMMA4_TARGETS:
+        return
+    method, model = raw.get("method"), raw.get("model")
+    assistant = _assistant_model_type(model) if model else None
+    if assistant == "gemma4_assistant" and method not in (None, "mtp"):
+        raise SpeculativeConfigError(
+            f"speculative_config: {model} is a Gemma 4 MTP assistant (model_type gemma4_assistant), which runs with "
+            f"method 'mtp' (or no method: vLLM recognises it), not method {method!r}")
+    if method == "mtp" and not model:
+        raise SpeculativeConfigError(
+            "speculative_config: method 'mtp' on a Gemma 4 target needs 'model', the assistant checkpoint that "
+            "drafts (e.g. google/gemma-4-31B-it-assistant); Gemma 4 has no MTP layers of its own")
+    if (method == "mtp" or assistant == "gemma4_assistant") and raw.get("num_speculative_tokens") is None:
+        raise SpeculativeConfigError(
+            "speculative_config: num_speculative_tokens is required for Gemma 4 MTP (drafts per round, 1 to "
+            f"{MAX_SPECULATIVE_TOKENS}; 4 is a good start)")
+
+
 def check_speculative_config(spec_config, target_model_config, target_parallel_config=None,
                              kv_cache_dtype: str = "auto", load_format: str = "auto") -> None:
     """Front-end check of a Gemma 4 MTP speculative config; raises DrafterConfigError on a bad pair."""
@@ -48,6 +92,25 @@ def check_speculative_config(spec_config, target_model_config, target_parallel_c
         log.info("vllm-gemma-mtp %s is installed but disabled (VLLM_GEMMA_MTP_ENABLE=0): vLLM's built-in "
                  "Gemma 4 MTP proposer is used", __version__)
         return
+    k = int(spec_config.num_speculative_tokens)
+    if k > MAX_SPECULATIVE_TOKENS:
+        raise SpeculativeConfigError(
+            f"speculative_config: num_speculative_tokens={k} is more than vllm-gemma-mtp drafts per round (at most "
+            f"{MAX_SPECULATIVE_TOKENS}): a Gemma 4 MTP drafter's acceptance falls with each position, and with "
+            f"adaptive speculation (the default) num_speculative_tokens is only the cap; 4 to 8 is typical")
+    dmc = spec_config.draft_model_config
+    quant = getattr(dmc, "quantization", None)
+    if quant:
+        raise SpeculativeConfigError(
+            f"speculative_config: quantization={quant!r} for the assistant is not supported by vllm-gemma-mtp, "
+            "which loads the assistant's weights as they are stored, unquantized (the drafter is ~1.5 % of a 31B "
+            "target's weights). Remove the key, or use vLLM's built-in path (VLLM_GEMMA_MTP_ENABLE=0)")
+    draft_len, target_len = getattr(dmc, "max_model_len", None), getattr(target_model_config, "max_model_len", None)
+    if draft_len is not None and target_len is not None and int(draft_len) < int(target_len):
+        raise SpeculativeConfigError(
+            f"speculative_config: max_model_len={draft_len} for the assistant is shorter than the target's "
+            f"max_model_len={target_len}; the Gemma 4 MTP drafter attends the target's whole context (it has no "
+            f"context of its own to limit), so leave max_model_len out of the speculative config")
     from vllm_gemma_mtp.drafter import check_pair
 
     check_pair(spec_config.draft_model_config.model, target_model_config.hf_config, load_format)
@@ -100,7 +163,7 @@ def install() -> None:
     warning = compat.check_vllm_version()
     if warning:
         logger.warning(warning)
-    compat.patch_spec_config_creation(check_speculative_config)
+    compat.patch_spec_config_creation(check_speculative_config, precheck_speculative_config)
     if not opts.enabled:
         return
     from vllm_gemma_mtp import controls
@@ -121,3 +184,5 @@ def _install_runner_hooks(_runner_module) -> None:
     compat.install_rejection_sampler(GemmaMTPRejectionSampler)
     compat.patch_plain_steps()
     compat.patch_runner_metrics()
+    if compat.platform_is_cpu():
+        compat.patch_cpu_seeded_chunked_prefill()

@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Soak test: an OpenAI server with the plugin under a long, mixed, faulty load, then every completed greedy
+request replayed on a server without speculation.
+
+    python scripts/soak.py                                   # 1000 requests at concurrency 32 (the full run)
+    python scripts/soak.py --requests 120 --concurrency 16   # the CI version (tests/test_soak.py)
+
+One server (`vllm.entrypoints.openai.api_server` on loopback, trained pair, K=4, adaptive, fp32, a KV cache small
+enough to force preemption), driven by the official `openai` client with a seeded request mix: completions and
+chat, streaming and not, prompts up to --max-prompt tokens, max_tokens 1..300, 20 % of streams dropped at a
+random chunk, n=2, logprobs, prompt_logprobs, stop strings, seeds, penalties, top-k/top-p, JSON-schema
+structured output, per-request speculation off / capped (vllm_xargs); EOS ends requests inside accepted drafts.
+Afterwards: the server is alive, no request running or waiting, KV usage back to 0, preemptions happened,
+server RSS (all its processes) grew < 5 % after warm-up (the first 25 % of requests), every JSON output
+parses and matches its schema, and a no-speculation server gives the same text for every completed greedy
+request. Writes soak.json and soak.md in --out; exit code 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_runs import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIR = ROOT / "tests" / "assets" / "trained_pair"
+# bounded (enums): a tiny model inside an open string or integer may never close it before max_tokens
+SCHEMA = {"type": "object", "properties": {"name": {"enum": ["alpha", "beta", "gamma"]}, "count": {"enum": [1, 2, 3]}},
+          "required": ["name", "count"], "additionalProperties": False}
+STOPS = ["\n\n", "return", ":"]
+
+
+def start_server(spec: bool, args, log: Path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(PAIR / "target"),
+           "--served-model-name", "soak", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", str(args.max_prompt + 320), "--enforce-eager", "--max-num-seqs", str(args.concurrency),
+           "--max-num-batched-tokens", "1024", "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20),
+           "--seed", "0", "--structured-outputs-config", json.dumps({"backend": "xgrammar",
+                                                                      "disable_any_whitespace": True})]
+    if spec:
+        cmd += ["--speculative-config", json.dumps({"method": "mtp", "model": str(PAIR / "assistant"),
+                                                    "num_speculative_tokens": 4})]
+    f = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n" + log.read_text()[-4000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    raise RuntimeError("server did not come up:\n" + log.read_text()[-4000:])
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rss_bytes(proc) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(proc.pid)
+        return sum(q.memory_info().rss for q in [p] + p.children(recursive=True))
+    except psutil.Error:
+        return 0
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for ln in text.splitlines():
+        if ln.startswith("#") or " " not in ln:
+            continue
+        head, val = ln.rsplit(" ", 1)
+        name = head.split("{")[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(val)
+        except ValueError:
+            pass
+    return out
+
+
+def make_requests(n: int, seed: int, max_prompt: int, vocab: int) -> list[dict]:
+    """The seeded request mix. Prompts are token ids (completions) or text (chat)."""
+    rnd = random.Random(seed)
+    words = ["def", "return", "self", "for", "in", "if", "else", "import", "print", "value", "list", "data", "x",
+             "class", "None", "True", "result", "(", ")", ":", "=", "+", "1", "0"]
+    reqs = []
+    for i in range(n):
+        r: dict = {"id": i, "api": "chat" if rnd.random() < 0.4 else "completions", "stream": rnd.random() < 0.5}
+        plen = int(round(2 ** rnd.uniform(2, max(2.1, __import__("math").log2(max_prompt)))))
+        if r["api"] == "completions":
+            r["prompt"] = [2] + [rnd.randrange(4, vocab) for _ in range(plen - 1)]
+        else:
+            r["messages"] = [{"role": "user", "content": " ".join(rnd.choice(words) for _ in range(max(1, plen // 2)))}]
+        r["max_tokens"] = rnd.randint(1, 300)
+        r["greedy"] = rnd.random() < 0.5
+        body: dict = {"temperature": 0.0} if r["greedy"] else {"temperature": rnd.choice([0.7, 1.0])}
+        extra: dict = {}
+        if not r["greedy"]:
+            if rnd.random() < 0.4:
+                extra["top_k"] = rnd.choice([5, 20])
+            if rnd.random() < 0.4:
+                body["top_p"] = rnd.choice([0.8, 0.95])
+            if rnd.random() < 0.4:
+                body["seed"] = rnd.randrange(1 << 30)
+        if rnd.random() < 0.2:
+            body[rnd.choice(["presence_penalty", "frequency_penalty"])] = 0.5
+        if rnd.random() < 0.1:
+            extra["repetition_penalty"] = 1.2
+        if not r["greedy"] and rnd.random() < 0.2:  # vLLM refuses n > 1 with greedy sampling (HTTP 400)
+            body["n"] = 2
+        if rnd.random() < 0.15:
+            body["stop"] = [rnd.choice(STOPS)]
+        if rnd.random() < 0.15:
+            if r["api"] == "chat":
+                body["logprobs"], body["top_logprobs"] = True, 2
+            else:
+                body["logprobs"] = 2
+        if r["api"] == "completions" and not r["stream"] and rnd.random() < 0.15:
+            extra["prompt_logprobs"] = 1
+        if rnd.random() < 0.1:
+            extra["vllm_xargs"] = rnd.choice([{"gemma_mtp_speculate": False}, {"gemma_mtp_max_draft_tokens": 1}])
+        r["json"] = rnd.random() < 0.06
+        if r["json"]:
+            r["max_tokens"] = max(r["max_tokens"], 150)
+            body.pop("stop", None)
+            if r["api"] == "chat":
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
+            else:
+                extra["structured_outputs"] = {"json": SCHEMA}
+        r["drop_at"] = rnd.randint(1, 12) if r["stream"] and rnd.random() < 0.2 else None
+        r["body"], r["extra"] = body, extra
+        reqs.append(r)
+    return reqs
+
+
+async def send(client, r: dict, stream: bool) -> dict:
+    kw = dict(model="soak", max_tokens=r["max_tokens"], stream=stream, extra_body=r["extra"] or None, **r["body"])
+    n = r["body"].get("n", 1)
+    texts = [""] * n
+    finish = [None] * n
+    if r["api"] == "chat":
+        call = client.chat.completions.create(messages=r["messages"], **kw)
+    else:
+        call = client.completions.create(prompt=r["prompt"], **kw)
+    res = await call
+    if not stream:
+        for c in res.choices:
+            texts[c.index] = c.message.content if r["api"] == "chat" else c.text
+            finish[c.index] = c.finish_reason
+        return {"texts": texts, "finish": finish, "dropped": False}
+    chunks = 0
+    async for ch in res:
+        chunks += 1
+        for c in ch.choices:
+            piece = (c.delta.content if r["api"] == "chat" else c.text) or ""
+            texts[c.index] += piece
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+        if r["drop_at"] is not None and chunks >= r["drop_at"]:
+            await res.close()  # the client goes away mid-stream
+            return {"texts": texts, "finish": finish, "dropped": True}
+    return {"texts": texts, "finish": finish, "dropped": False}
+
+
+async def drive(port: int, reqs: list[dict], concurrency: int, stream_as_sent: bool = True, progress=None,
+                on_done=None) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600, max_retries=0)
+    sem = asyncio.Semaphore(concurrency)
+    out: dict = {}
+
+    async def one(r):
+        async with sem:
+            try:
+                out[r["id"]] = await send(client, r, r["stream"] and stream_as_sent)
+            except Exception as e:  # noqa: BLE001 - recorded per request; the summary counts them
+                out[r["id"]] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if progress is not None:
+                progress.update(1)
+            if on_done is not None:
+                on_done(len(out))
+
+    await asyncio.gather(*(one(r) for r in reqs))
+    await client.close()
+    return out
+
+
+def schema_ok(text: str) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-prompt", type=int, default=3000, help="longest prompt in tokens")
+    ap.add_argument("--kv-cache-mib", type=int, default=12, help="KV cache size: small, to force preemption")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-frac", type=float, default=0.25,
+                    help="RSS growth is measured from the moment this share of the requests has completed")
+    ap.add_argument("--out", default="artifacts/soak")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = json.loads((PAIR / "target" / "config.json").read_text())["vocab_size"]
+    reqs = make_requests(args.requests, args.seed, args.max_prompt, vocab)
+    rep: dict = {"command": " ".join(["soak.py"] + (argv if argv is not None else sys.argv[1:])),
+                 "requests": args.requests, "concurrency": args.concurrency, "max_prompt": args.max_prompt,
+                 "kv_cache_mib": args.kv_cache_mib, "checks": {}}
+    t0 = time.time()
+    proc, port = start_server(True, args, out / "server_spec.log")
+    rep["server_start_s"] = round(time.time() - t0, 1)
+    rss = {}
+    marks = {max(1, int(args.requests * f)): name for f, name in ((args.warmup_frac, "warm"), (0.5, "half"),
+                                                                   (0.75, "three_quarters"))}
+
+    def on_done(n):
+        if n in marks and marks[n] not in rss:
+            rss[marks[n]] = rss_bytes(proc)
+
+    try:
+        t = time.time()
+        with tqdm(total=len(reqs), desc="soak (plugin server)", unit="req") as bar:
+            res = asyncio.run(drive(port, reqs, args.concurrency, progress=bar, on_done=on_done))
+        rep["load_s"] = round(time.time() - t, 1)
+        time.sleep(3)  # finished and aborted requests leave the scheduler
+        m = metrics(port)
+        rss["end"] = rss_bytes(proc)
+        alive = proc.poll() is None
+    finally:
+        stop_server(proc)
+    errors = {i: r["error"] for i, r in res.items() if "error" in r}
+    done = {i: r for i, r in res.items() if "error" not in r}
+    dropped = [i for i, r in done.items() if r["dropped"]]
+    by = lambda f: sum(1 for r in reqs if f(r))  # noqa: E731
+    rep["mix"] = {"completions": by(lambda r: r["api"] == "completions"), "chat": by(lambda r: r["api"] == "chat"),
+                  "streaming": by(lambda r: r["stream"]), "dropped_streams": len(dropped),
+                  "greedy": by(lambda r: r["greedy"]), "n=2": by(lambda r: r["body"].get("n") == 2),
+                  "logprobs": by(lambda r: "logprobs" in r["body"]),
+                  "prompt_logprobs": by(lambda r: "prompt_logprobs" in r["extra"]),
+                  "stop strings": by(lambda r: "stop" in r["body"]), "seeded": by(lambda r: "seed" in r["body"]),
+                  "penalties": by(lambda r: any(k in r["body"] for k in ("presence_penalty", "frequency_penalty"))
+                                  or "repetition_penalty" in r["extra"]),
+                  "top_k/top_p": by(lambda r: "top_k" in r["extra"] or "top_p" in r["body"]),
+                  "json schema": by(lambda r: r["json"]), "vllm_xargs": by(lambda r: "vllm_xargs" in r["extra"]),
+                  "longest prompt": max(len(r.get("prompt", [])) or len(r["messages"][0]["content"].split()) * 2
+                                        for r in reqs)}
+    finish = [f for r in done.values() if not r["dropped"] for f in r["finish"]]
+    rep["finish_reasons"] = {k: finish.count(k) for k in sorted(set(map(str, finish)))}
+    rep["errors"] = len(errors)
+    rep["error_examples"] = list(errors.values())[:5]
+    rep["metrics_after"] = {k: m.get(k) for k in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                                                 "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
+                                                 "vllm:spec_decode_num_drafts_total",
+                                                 "vllm:spec_decode_num_accepted_tokens_total",
+                                                 "gemma_mtp:draft_rounds_skipped_total", "gemma_mtp:plain_steps_total",
+                                                 "gemma_mtp:probes_total")}
+    rep["rss_mib"] = {k: round(v / 2**20, 1) for k, v in rss.items()}
+    growth = (rss["end"] - rss["warm"]) / rss["warm"] if rss.get("warm") else None
+    rep["rss_growth_after_warmup"] = growth
+    json_reqs = [r for r in reqs if r["json"] and r["id"] in done and not done[r["id"]]["dropped"]
+                 and all(f == "stop" for f in done[r["id"]]["finish"])]
+    json_bad = [r["id"] for r in json_reqs if not all(schema_ok(t) for t in done[r["id"]]["texts"])]
+    # the no-speculation server answers every completed greedy request (not streamed: same text)
+    greedy = [r for r in reqs if r["greedy"] and r["id"] in done and not done[r["id"]]["dropped"]]
+    proc, port = start_server(False, args, out / "server_base.log")
+    try:
+        with tqdm(total=len(greedy), desc="replay (no speculation)", unit="req") as bar:
+            base = asyncio.run(drive(port, greedy, args.concurrency, stream_as_sent=False, progress=bar))
+    finally:
+        stop_server(proc)
+    same = [r["id"] for r in greedy if "error" not in base[r["id"]] and base[r["id"]]["texts"] == done[r["id"]]["texts"]]
+    diff = [r["id"] for r in greedy if r["id"] not in same]
+    rep["lossless"] = {"greedy_completed": len(greedy), "identical": len(same), "differ": diff[:20]}
+    rep["json"] = {"completed": len(json_reqs), "invalid": json_bad}
+    mm = rep["metrics_after"]
+    rep["checks"] = {
+        "server alive after the load": alive,
+        "no request failed": not errors,
+        "every completed greedy request identical to no speculation": not diff and len(greedy) > 0,
+        "JSON outputs valid against the schema": not json_bad and len(json_reqs) > 0,
+        "no request running or waiting": mm["vllm:num_requests_running"] == 0 and mm["vllm:num_requests_waiting"] == 0,
+        "KV cache usage back to 0": mm["vllm:kv_cache_usage_perc"] == 0,
+        "preemption happened": (mm["vllm:num_preemptions_total"] or 0) > 0,
+        "RSS growth after warm-up < 5 %": growth is not None and growth < 0.05,
+        "streams dropped": len(dropped) > 0,
+    }
+    rep["wall_s"] = round(time.time() - t0, 1)
+    (out / "soak.json").write_text(json.dumps(rep, indent=1, default=str))
+    lines = [f"# soak: {args.requests} requests at concurrency {args.concurrency}", "",
+             f"`{rep['command']}`: load {rep['load_s']} s, whole run {rep['wall_s']} s", "",
+             "| check | result |", "|---|---|"]
+    lines += [f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in rep["checks"].items()]
+    lines += ["", f"- request mix: {rep['mix']}", f"- finish reasons: {rep['finish_reasons']}",
+              f"- lossless: {len(same)}/{len(greedy)} completed greedy requests identical",
+              f"- JSON: {len(json_reqs)} completed, {len(json_bad)} invalid",
+              f"- RSS (MiB): {rep['rss_mib']}, growth after warm-up {growth if growth is None else f'{100 * growth:.2f} %'}",
+              f"- after the load: {mm}", f"- errors: {len(errors)} {rep['error_examples']}"]
+    (out / "soak.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(rep["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
