@@ -44,6 +44,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from engine_runs import _spec_counters, stop_engine as stop  # noqa: E402
 STAGES = ("env", "kernels", "lossless", "speed", "extra", "fp8")
 # the share of the budget a stage may take at most (the speed stage also gets what earlier stages left)
 STAGE_CAP_S = {"env": 60, "kernels": 100, "lossless": 130, "speed": 100_000, "extra": 100_000, "fp8": 120}
@@ -150,17 +152,6 @@ def start(target: str, mode: str, kw: dict):
     return LLM(model=target, **kw)
 
 
-def stop(llm) -> None:
-    import gc
-
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-    del llm
-    gc.collect()
-
-
 _FINAL_NORM = re.compile(r"^(?:(?:model|language_model)\.)*norm(?:\.weight)?$")
 
 
@@ -249,14 +240,6 @@ def install_step_timers(worker) -> list:
     if d is not None:
         wrap(d, "propose", "drafter.propose")
     return wrapped
-
-
-def _spec_counters(llm) -> dict:
-    out = {}
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode"):
-            out[m.name] = list(m.values) if hasattr(m, "values") else m.value
-    return out
 
 
 def _mal(before: dict, after: dict):
