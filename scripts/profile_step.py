@@ -60,6 +60,10 @@ def instrument() -> None:
 
     _timed(GemmaMTPProposer, "propose", "    proposer.propose")
     _timed(GemmaMTPProposer, "gather_kv", "      proposer.gather_kv")
+    _timed(GemmaMTPProposer, "_decide", "      proposer._decide (adaptive)")
+    from vllm_gemma_mtp.policy import DraftPolicy
+
+    _timed(DraftPolicy, "decide", "        policy.decide")
 
 
 def _install_remote(worker):

@@ -92,6 +92,33 @@ def test_optimal_against_brute_force(seed):
     assert rate >= best * (1 - 1e-9), (ks, rate, best)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_batch_one_fast_path_against_brute_force(seed):
+    """B = 1 takes its own plain-Python path; it must pick what exhaustive search picks, over longer K."""
+    rnd = random.Random(1000 + seed)
+    K = rnd.randint(1, 8)
+    rate = [rnd.random() ** rnd.choice([0.2, 1, 4]) for _ in range(rnd.randint(0, K))]  # may be short
+    cap = rnd.randint(0, K)
+    verify = (rnd.uniform(1e-3, 20e-3), rnd.uniform(1e-6, 3e-3), rnd.choice([0.0, rnd.uniform(0, 10e-3)]))
+    draft = (rnd.uniform(-1e-3, 1e-3), rnd.uniform(0, 2e-3), rnd.uniform(0, 1e-3))
+    round_len = rnd.choice([None, K])
+    ks, got = choose_draft_lengths([rate], [cap], verify, draft, K, round_len, max_slowdown=0.05)
+    full = [min(max(x, 0.0), 1.0) for x in rate] + [0.0] * K
+
+    def value(k):
+        L = round_len or k
+        t = verify[0] + verify[1] * (1 + k) + ((verify[2] + max(draft[0] + draft[1] * L + draft[2] * L, 0.0))
+                                               if k else 0.0)
+        return (1 + sum(_prod(full[:j + 1]) for j in range(k))) / t
+
+    vals = [value(k) for k in range(cap + 1)]
+    best = max(vals)
+    assert 0 <= ks[0] <= cap
+    assert got == pytest.approx(vals[ks[0]])
+    assert got >= best * (1 - 1e-9)
+    assert ks[0] == min(k for k, v in enumerate(vals) if v >= best * (1 - 1e-9))  # the smaller k on ties
+
+
 def _prod(xs):
     p = 1.0
     for x in xs:
@@ -250,3 +277,34 @@ def test_slowdown_guard_is_feasible_and_never_better_than_free(seed):
     if any(fair):
         per, plain = _request_rates(rates, fair, verify, draft, round_len)
         assert all(p >= 0.95 * plain * (1 - 1e-9) for p, c in zip(per, caps) if c > 0), (fair, per, plain)
+
+
+def test_an_all_zero_answer_is_held_only_while_its_inputs_stand():
+    """A batch turned fully off reuses that answer for a few steps (the chooser costs ~0.5 ms a step at batch
+    16), but re-decides at once when a request joins or leaves or an acceptance observation arrives."""
+    cfg = PolicyConfig(max_k=4, calibration_steps=1, min_samples=2, zero_recheck_every=4, probe_every=10 ** 6,
+                       explore_every=10 ** 6)
+    pol = DraftPolicy(cfg)
+    for n in (4, 20, 4, 20, 8):  # a CPU-like cost: every token costs, a draft round costs more
+        pol.costs.observe_verify(n, 0.01 + 0.002 * n, n - 4)
+        pol.costs.observe_draft(4, 4, 0.02)
+    keys = ["a", "b", "c", "d"]
+    for k in keys:
+        pol.observe(k, 4, 0)
+    pol.decide(keys, [4] * 4)  # calibration
+    reasons = []
+    for _ in range(8):
+        d = pol.decide(keys, [4] * 4)
+        assert d.lengths == [0] * 4 and d.expected_rate > 0
+        reasons.append(pol.held_zero)
+    assert reasons == [0, 1, 2, 3, 3, 4, 5, 6]  # one full decision every zero_recheck_every steps
+    held = pol.held_zero
+    pol.decide(keys + ["e"], [4] * 5)  # a new request: decided afresh
+    assert pol.held_zero == held
+    pol.decide(keys + ["e"], [4] * 5)
+    assert pol.held_zero == held + 1  # the same five: held again
+    pol.observe("e", 1, 1)  # an acceptance observation: decided afresh
+    pol.decide(keys + ["e"], [4] * 5)
+    assert pol.held_zero == held + 1
+    pol.decide(keys + ["e"], [3] * 5)  # other caps: afresh
+    assert pol.held_zero == held + 1

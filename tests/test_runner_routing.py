@@ -44,6 +44,7 @@ m = sys.modules["vllm.v1.worker.gpu_model_runner"]
 assert m.Gemma4Proposer.__name__ == "GemmaMTPProposer", m.Gemma4Proposer
 assert m.RejectionSampler.__name__ == "GemmaMTPRejectionSampler"
 assert m.GPUModelRunner._prepare_inputs._gemma_mtp_wrapped and m.GPUModelRunner.sample_tokens._gemma_mtp_wrapped
+assert m.GPUModelRunner._bookkeeping_sync._gemma_mtp_cpu_gen  # the seeded chunked-prefill fix (CPU)
 print("ok")
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -48,6 +48,9 @@ class PolicyConfig:
     # the batch's rate alone decides (see choose_draft_lengths)
     max_slowdown: float | None = 0.05
     calibration_steps: int = 0  # steps of cycling k over 0..max_k at start (0: 4 * (max_k + 1))
+    # a batch the chooser just turned fully off keeps that answer for this many steps while nothing it reads
+    # changes (same requests and caps, no new acceptance): only the plain-step cost moves, by one sample a step
+    zero_recheck_every: int = 4
     min_samples: int = 8
 
 
@@ -165,8 +168,8 @@ class AcceptanceStats:
         # before any observation: an optimistic prior, so a new engine drafts (and learns)
         return [(a + 0.7) / (t + 1.0) for a, t in zip(self.engine.acc, self.engine.tried)]
 
-    def rates(self, key) -> list[float]:
-        prior = self.engine_rates()
+    def rates(self, key, prior: list[float] | None = None) -> list[float]:
+        prior = prior or self.engine_rates()
         c = self.requests.get(key)
         if c is None:
             return prior
@@ -196,11 +199,13 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
     d0 + d1 * c + d2 * rows * c seconds for a round of longest draft c over `rows` drafting requests.
     round_len: the round always runs that many steps whatever c is (a compiled round), so its cost does not
     shrink with c."""
-    import numpy as np
-
     B = len(rates)
     if B == 0:
         return [], 0.0
+    if B == 1:
+        return _choose_one(rates[0], caps[0], verify, draft, max_k, round_len)
+    import numpy as np
+
     v0, v1 = verify[0], verify[1]
     v2 = verify[2] if len(verify) > 2 else 0.0
     d0, d1, d2 = draft
@@ -270,6 +275,28 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
     return [int(k) for k in best_ks], best
 
 
+def _choose_one(rate: list[float], cap: int, verify, draft, max_k: int,
+                round_len: int | None) -> tuple[list[int], float]:
+    """choose_draft_lengths for one request: every k in 0..cap, in plain Python (the batch-1 decision runs
+    every step, and numpy's per-call overhead made it ~0.5 ms on a 22 ms step). The slowdown guard never
+    binds here: the request's rate is the batch's, and k = 0 is always a candidate."""
+    v0, v1 = verify[0], verify[1]
+    v2 = verify[2] if len(verify) > 2 else 0.0
+    d0, d1, d2 = draft
+    cap = max(0, min(int(cap), max_k))
+    best_k, best, e, p = 0, None, 1.0, 1.0
+    for k in range(cap + 1):
+        if k:
+            p *= min(max(float(rate[k - 1]) if k - 1 < len(rate) else 0.0, 0.0), 1.0)
+            e += p
+        L = round_len or k
+        t = v0 + v1 * (1 + k) + ((v2 + max(d0 + d1 * L + d2 * L, 0.0)) if k else 0.0)
+        r = e / t if t > 0 else math.inf
+        if best is None or r > best * (1 + 1e-12):  # the smaller k on ties, as the batch path
+            best_k, best = k, r
+    return [best_k], best
+
+
 @dataclass
 class StepDecision:
     lengths: list  # [B] draft length per request
@@ -292,6 +319,9 @@ class DraftPolicy:
     explored: int = 0  # steps forced to 0 drafts to re-measure a plain step
     chosen_hist: list = None  # how often each k was chosen, per request-step
     skipped_rounds: int = 0  # steps where no request drafted
+    observations: int = 0  # acceptance observations so far (what a held all-zero answer depends on)
+    held_zero: int = 0  # steps that reused the all-zero answer without running the chooser
+    _zero_answer: tuple = None  # (keys, caps, observations, step, rate) of the last all-zero choice
 
     def __post_init__(self):
         self.acceptance = self.acceptance or AcceptanceStats(self.cfg)
@@ -313,9 +343,16 @@ class DraftPolicy:
             lengths, reason, rate = [0] * len(caps), "explore", 0.0
             self.explored += 1
         else:
-            lengths, rate = choose_draft_lengths([self.acceptance.rates(key) for key in keys], caps,
-                                                 self.costs.verify_coef(), self.costs.draft_coef(), K, round_len,
-                                                 self.cfg.max_slowdown)
+            za, sig = self._zero_answer, (tuple(keys), tuple(caps), self.observations)
+            if za is not None and za[0] == sig and self.steps - za[1] < self.cfg.zero_recheck_every:
+                lengths, rate = [0] * len(caps), za[2]
+                self.held_zero += 1
+            else:
+                prior = self.acceptance.engine_rates()
+                lengths, rate = choose_draft_lengths([self.acceptance.rates(key, prior) for key in keys], caps,
+                                                     self.costs.verify_coef(), self.costs.draft_coef(), K,
+                                                     round_len, self.cfg.max_slowdown)
+                self._zero_answer = None if any(lengths) else (sig, self.steps, rate)
             reason = "policy"
             for i, key in enumerate(keys):
                 if (lengths[i] == 0 and caps[i] > 0
@@ -338,6 +375,7 @@ class DraftPolicy:
         self.acceptance.observe(key, drafted, accepted)
         if drafted <= 0:
             return
+        self.observations += 1
         base = self.cfg.probe_every
         if accepted > 0:
             self.wait.pop(key, None)
