@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_runs import free_port  # noqa: E402
+from engine_runs import free_port, stop_server, wait_for_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
@@ -59,29 +59,6 @@ def start_server(mode: str, k: int, max_len: int, max_seqs: int, log: Path | Non
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
                             start_new_session=True)
     return proc, port
-
-
-def wait_ready(mode: str, proc, port: int, log: Path | None):
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{mode} server exited {proc.returncode}" + (f"; see {log}" if log else ""))
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(2)
-    proc.kill()
-    raise RuntimeError(f"{mode} server did not come up in 600 s")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def spec_counts(port: int) -> dict[str, float]:
@@ -195,7 +172,7 @@ def main_(argv=None) -> int:
         for m in modes:  # started together: their start-up overlaps
             servers[m] = start_server(m, args.k, max_len, max(concs), logs[m])
         for m in tqdm(modes, desc="starting servers", unit="server"):
-            wait_ready(m, *servers[m], logs[m])
+            wait_for_server(*servers[m], logs[m], what=f"{m} server")
         for m in tqdm(modes, desc="warm-up", unit="server"):  # compiles the draft round, fills caches
             serve_bench(servers[m][1], dataset, 8, min(8, max(concs)), args.max_tokens, args.verbose)
         plan = [(r, c, modes[(i + r) % len(modes):] + modes[:(i + r) % len(modes)])

@@ -27,6 +27,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_server(proc, port: int, log=None, timeout_s: float = 600, what: str = "server"):
+    """Until the API server `proc` answers /health on loopback `port`; (proc, port). Raises (with the log's
+    tail when there is one) if it exits or does not come up in time."""
+    import urllib.request
+
+    def tail():
+        return (":\n" + open(log).read()[-4000:]) if log else ""
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}" + tail())
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not come up in {timeout_s:.0f} s" + tail())
+
+
+def stop_server(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @dataclass
 class RunResult:
     mode: str

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_runs import free_port  # noqa: E402
+from engine_runs import free_port, stop_server, wait_for_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
@@ -53,26 +53,7 @@ def start_server(spec: bool, args, log: Path):
                                                     "num_speculative_tokens": 4})]
     f = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n" + log.read_text()[-4000:])
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(2)
-    proc.kill()
-    raise RuntimeError("server did not come up:\n" + log.read_text()[-4000:])
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return wait_for_server(proc, port, log, timeout_s=400)
 
 
 def rss_bytes(proc) -> int:
