@@ -31,11 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_runs import free_port, stop_server, wait_for_server  # noqa: E402
+from engine_runs import free_port, server_metrics, stop_server, wait_for_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
@@ -59,20 +58,6 @@ def start_server(mode: str, k: int, max_len: int, max_seqs: int, log: Path | Non
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
                             start_new_session=True)
     return proc, port
-
-
-def spec_counts(port: int) -> dict[str, float]:
-    """vLLM's spec-decode counters from /metrics (summed over labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for ln in text.splitlines():
-        if ln.startswith("vllm:spec_decode_num_") and " " in ln:
-            head, val = ln.rsplit(" ", 1)
-            name = head.split("{")[0]
-            if "per_pos" not in name:
-                out[name] = out.get(name, 0.0) + float(val)
-    return out
 
 
 def serve_bench(port: int, dataset: Path, n: int, concurrency: int, max_tokens: int, verbose: bool) -> dict:
@@ -181,9 +166,9 @@ def main_(argv=None) -> int:
         for r, c, order in plan:
             for m in order:
                 port = servers[m][1]
-                before = spec_counts(port) if m != "none" else {}
+                before = server_metrics(port) if m != "none" else {}
                 res = serve_bench(port, dataset, n_of[c], c, args.max_tokens, args.verbose)
-                after = spec_counts(port) if m != "none" else {}
+                after = server_metrics(port) if m != "none" else {}
                 drafts = after.get("vllm:spec_decode_num_drafts_total", 0) - before.get(
                     "vllm:spec_decode_num_drafts_total", 0)
                 acc = after.get("vllm:spec_decode_num_accepted_tokens_total", 0) - before.get(

@@ -49,6 +49,25 @@ def wait_for_server(proc, port: int, log=None, timeout_s: float = 600, what: str
     raise RuntimeError(f"{what} did not come up in {timeout_s:.0f} s" + tail())
 
 
+def server_metrics(port: int) -> dict[str, float]:
+    """The API server's /metrics on loopback `port`, each metric summed over its label sets."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for ln in text.splitlines():
+        if ln.startswith("#") or " " not in ln:
+            continue
+        head, val = ln.rsplit(" ", 1)
+        name = head.split("{")[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(val)
+        except ValueError:
+            pass
+    return out
+
+
 def stop_server(proc) -> None:
     import subprocess
 

@@ -26,11 +26,10 @@ import random
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_runs import free_port, stop_server, wait_for_server  # noqa: E402
+from engine_runs import free_port, server_metrics, stop_server, wait_for_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
@@ -64,22 +63,6 @@ def rss_bytes(proc) -> int:
         return sum(q.memory_info().rss for q in [p] + p.children(recursive=True))
     except psutil.Error:
         return 0
-
-
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for ln in text.splitlines():
-        if ln.startswith("#") or " " not in ln:
-            continue
-        head, val = ln.rsplit(" ", 1)
-        name = head.split("{")[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(val)
-        except ValueError:
-            pass
-    return out
 
 
 def make_requests(n: int, seed: int, max_prompt: int, vocab: int) -> list[dict]:
@@ -237,7 +220,7 @@ def main(argv=None) -> int:
             res = asyncio.run(drive(port, reqs, args.concurrency, progress=bar, on_done=on_done))
         rep["load_s"] = round(time.time() - t, 1)
         time.sleep(3)  # finished and aborted requests leave the scheduler
-        m = metrics(port)
+        m = server_metrics(port)
         rss["end"] = rss_bytes(proc)
         alive = proc.poll() is None
     finally:

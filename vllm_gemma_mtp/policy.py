@@ -321,7 +321,7 @@ class DraftPolicy:
     skipped_rounds: int = 0  # steps where no request drafted
     observations: int = 0  # acceptance observations so far (what a held all-zero answer depends on)
     held_zero: int = 0  # steps that reused the all-zero answer without running the chooser
-    _zero_answer: tuple = None  # (keys, caps, observations, step, rate) of the last all-zero choice
+    _zero_answer: tuple = None  # ((keys, caps, observations), step, rate) of the last all-zero choice
 
     def __post_init__(self):
         self.acceptance = self.acceptance or AcceptanceStats(self.cfg)

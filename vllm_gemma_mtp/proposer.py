@@ -63,7 +63,7 @@ class ProposerStats:
         if pol is None:
             return None
         return {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds, "probes": pol.probes,
-                "held_zero": getattr(pol, "held_zero", 0), **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
+                "held_zero": pol.held_zero, **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
