@@ -49,8 +49,10 @@ def wait_for_server(proc, port: int, log=None, timeout_s: float = 600, what: str
     raise RuntimeError(f"{what} did not come up in {timeout_s:.0f} s" + tail())
 
 
-def server_metrics(port: int) -> dict[str, float]:
-    """The API server's /metrics on loopback `port`, each metric summed over its label sets."""
+def server_metrics(port: int, by: tuple[str, ...] = ()) -> dict[str, float]:
+    """The API server's /metrics on loopback `port`, each metric summed over its label sets; for a label in
+    `by`, also per value of it, as 'name{label=value}'."""
+    import re
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -62,9 +64,15 @@ def server_metrics(port: int) -> dict[str, float]:
         head, val = ln.rsplit(" ", 1)
         name = head.split("{")[0]
         try:
-            out[name] = out.get(name, 0.0) + float(val)
+            v = float(val)
         except ValueError:
-            pass
+            continue
+        out[name] = out.get(name, 0.0) + v
+        for lab in by:
+            hit = re.search(rf'[{{,]{lab}="([^"]*)"', head)
+            if hit:
+                key = f"{name}{{{lab}={hit.group(1)}}}"
+                out[key] = out.get(key, 0.0) + v
     return out
 
 

@@ -220,7 +220,7 @@ def main(argv=None) -> int:
             res = asyncio.run(drive(port, reqs, args.concurrency, progress=bar, on_done=on_done))
         rep["load_s"] = round(time.time() - t, 1)
         time.sleep(3)  # finished and aborted requests leave the scheduler
-        m = server_metrics(port)
+        m = server_metrics(port, by=("feature", "reason"))
         rss["end"] = rss_bytes(proc)
         alive = proc.poll() is None
     finally:
@@ -251,6 +251,15 @@ def main(argv=None) -> int:
                                                  "vllm:spec_decode_num_accepted_tokens_total",
                                                  "gemma_mtp:draft_rounds_skipped_total", "gemma_mtp:plain_steps_total",
                                                  "gemma_mtp:probes_total")}
+    feats = {k.split("=", 1)[1][:-1]: v for k, v in m.items() if k.startswith("gemma_mtp:sampler_feature_steps_total{")}
+    falls = {k.split("=", 1)[1][:-1]: v for k, v in m.items() if k.startswith("gemma_mtp:sampler_fallback_steps_total{")}
+    rep["sampler"] = {"fused_steps": m.get("gemma_mtp:fused_sampler_steps_total"), "features": feats,
+                      "fallbacks": falls, "ragged_steps": m.get("gemma_mtp:ragged_steps_total")}
+    # what the fused sampler must have seen, given the mix (prompt logprobs, seeds and JSON schemas are not
+    # sampler features); every request is Gemma 4 MTP, so nothing may fall back to vLLM's sampler
+    want = [f for f, key in (("penalties", "penalties"), ("top-k/top-p", "top_k/top_p"), ("logprobs", "logprobs"))
+            if rep["mix"][key]]
+    sampler_ok = (bool(rep["sampler"]["fused_steps"]) and not falls and all(feats.get(f, 0) > 0 for f in want))
     rep["rss_mib"] = {k: round(v / 2**20, 1) for k, v in rss.items()}
     growth = (rss["end"] - rss["warm"]) / rss["warm"] if rss.get("warm") else None
     rep["rss_growth_after_warmup"] = growth
@@ -280,6 +289,7 @@ def main(argv=None) -> int:
         "preemption happened": (mm["vllm:num_preemptions_total"] or 0) > 0,
         "RSS growth after warm-up < 5 %": growth is not None and growth < 0.05,
         "streams dropped": len(dropped) > 0,
+        "sampler counters match the request mix (features seen, no fallback)": sampler_ok,
     }
     rep["wall_s"] = round(time.time() - t0, 1)
     (out / "soak.json").write_text(json.dumps(rep, indent=1, default=str))
@@ -291,7 +301,8 @@ def main(argv=None) -> int:
               f"- lossless: {len(same)}/{len(greedy)} completed greedy requests identical",
               f"- JSON: {len(json_reqs)} completed, {len(json_bad)} invalid",
               f"- RSS (MiB): {rep['rss_mib']}, growth after warm-up {growth if growth is None else f'{100 * growth:.2f} %'}",
-              f"- after the load: {mm}", f"- errors: {len(errors)} {rep['error_examples']}"]
+              f"- after the load: {mm}", f"- rejection sampler: {rep['sampler']}",
+              f"- errors: {len(errors)} {rep['error_examples']}"]
     (out / "soak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(rep["checks"].values()) else 1

@@ -36,17 +36,19 @@ def engines():
     from engine_utils import KV_CACHE_BYTES, shutdown
 
     kw = dict(model=str(PAIR / "target"), dtype="float32", max_model_len=512, enforce_eager=True,
-              max_num_seqs=64, max_num_batched_tokens=512, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
+              max_num_seqs=64, max_num_batched_tokens=512, kv_cache_memory_bytes=KV_CACHE_BYTES,
               # JSON without free whitespace: the tiny pair, trained on Python, would fill it with newlines
               structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
     spec_cfg = {"method": "mtp", "model": str(PAIR / "assistant"), "num_speculative_tokens": K}
-    base = LLM(**kw)
+    # a seed per engine: the two-sample tests need independent samples, and engines started from one seed
+    # draw the same unseeded random numbers wherever their call histories line up
+    base = LLM(**kw, seed=0)
     up = {"none": base}
     saved = os.environ.get("VLLM_GEMMA_MTP_ADAPTIVE")
     try:
-        for name, adaptive in (("plugin", "0"), ("adaptive", "1")):
+        for seed, (name, adaptive) in enumerate((("plugin", "0"), ("adaptive", "1")), start=1):
             os.environ["VLLM_GEMMA_MTP_ADAPTIVE"] = adaptive  # read by the engine's processes at start
-            up[name] = LLM(**kw, speculative_config=spec_cfg)
+            up[name] = LLM(**kw, seed=seed, speculative_config=spec_cfg)
         yield up
     finally:
         if saved is None:
@@ -62,34 +64,42 @@ def _sample(llm, sp, n=N, prompt=PROMPT):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _two_sample_pvalue(a: list[list[int]], b: list[list[int]], positions=range(1, MAX_TOKENS)) -> float:
-    """Chi-square homogeneity test of the token at each position (a missing position - the request
-    stopped - is its own category), summed over positions; columns with fewer than 10 observations in
-    both samples together are pooled."""
+def _position_pvalue(ta: list[int], tb: list[int]) -> float | None:
+    """Chi-square homogeneity test of one position's tokens; categories with fewer than 10 observations in
+    both samples together are pooled. None when there is no variation to test."""
     import numpy as np
     from scipy.stats import chi2
 
-    stat, dof = 0.0, 0
+    cats = sorted(set(ta) | set(tb))
+    ca = np.array([ta.count(c) for c in cats], float)
+    cb = np.array([tb.count(c) for c in cats], float)
+    small = (ca + cb) < 10
+    if small.any():
+        ca = np.append(ca[~small], ca[small].sum())
+        cb = np.append(cb[~small], cb[small].sum())
+    keep = (ca + cb) > 0
+    ca, cb = ca[keep], cb[keep]
+    if len(ca) < 2:
+        return None
+    tot = ca + cb
+    ea, eb = tot * ca.sum() / tot.sum(), tot * cb.sum() / tot.sum()
+    stat = float(((ca - ea) ** 2 / ea).sum() + ((cb - eb) ** 2 / eb).sum())
+    return float(chi2.sf(stat, len(ca) - 1))
+
+
+def _two_sample_pvalue(a: list[list[int]], b: list[list[int]], positions=range(1, MAX_TOKENS)) -> float:
+    """Do two sets of samples come from one distribution? A chi-square test per position (a missing
+    position - the request stopped - is its own category), combined by Bonferroni: the tokens of one
+    sequence depend on each other, so the positions' statistics are not independent and their sum is not
+    chi-square. Summed, no-spec against no-spec resamples of 400 gave p < 1e-3 in 1.25 % of splits and
+    p < 1e-4 in 0.6 % (2000 splits; CI failed on such a p = 2.7e-6 once); Bonferroni gave 0.05 %."""
+    ps = []
     for j in positions:
-        ta = [s[j] if j < len(s) else -1 for s in a]
-        tb = [s[j] if j < len(s) else -1 for s in b]
-        cats = sorted(set(ta) | set(tb))
-        ca = np.array([ta.count(c) for c in cats], float)
-        cb = np.array([tb.count(c) for c in cats], float)
-        small = (ca + cb) < 10
-        if small.any():
-            ca = np.append(ca[~small], ca[small].sum())
-            cb = np.append(cb[~small], cb[small].sum())
-        keep = (ca + cb) > 0
-        ca, cb = ca[keep], cb[keep]
-        if len(ca) < 2:
-            continue
-        tot = ca + cb
-        ea, eb = tot * ca.sum() / tot.sum(), tot * cb.sum() / tot.sum()
-        stat += float(((ca - ea) ** 2 / ea).sum() + ((cb - eb) ** 2 / eb).sum())
-        dof += len(ca) - 1
-    assert dof > 0, "no variation to test: pick a prompt with a spread next-token distribution"
-    return float(chi2.sf(stat, dof))
+        p = _position_pvalue([s[j] if j < len(s) else -1 for s in a], [s[j] if j < len(s) else -1 for s in b])
+        if p is not None:
+            ps.append(p)
+    assert ps, "no variation to test: pick a prompt with a spread next-token distribution"
+    return min(1.0, len(ps) * min(ps))
 
 
 def _sampler_stats(llm):
@@ -131,8 +141,8 @@ def _compare(engines, sp_feature, sp_plain=None):
     if sp_plain is not None:
         c = _sample(engines["none"], sp_plain)
         p_power = _two_sample_pvalue(a, c)
-        # power check on unseeded samples: 1e-6 flaked once in CI (top_p: p = 1.8e-5); 1e-4 is still far below
-        # PVALUE, so a feature the test cannot see still fails it
+        # 1e-4, far below PVALUE: a feature the test cannot see fails it (at N=400 top_p, the weakest feature,
+        # gave 1e-15 .. 1e-6 in 9 local draws)
         assert p_power < 1e-4, f"the test cannot see the feature: p = {p_power:.2e}"
     return a, b
 

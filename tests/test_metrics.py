@@ -2,6 +2,7 @@
 SchedulerStats field crossing vLLM's own engine-core -> front-end encoding, and the stat logger writing
 Prometheus samples. (On a real server, against vLLM's spec-decode counters: tests/test_serve.py.)"""
 
+from collections import Counter
 from types import SimpleNamespace
 
 from vllm_gemma_mtp.metrics import StepCounters, merge
@@ -79,6 +80,40 @@ def test_stat_logger_writes_prometheus_samples():
     assert val("gemma_mtp:step_seconds_estimate") == 0.025
     assert any(ln.startswith('gemma_mtp:verify_cost_seconds{engine="7",model_name="t",term="spec_step"} 0.002')
                for ln in text.splitlines())
+    # the rejection sampler's counts ride along: deltas, merged, summed into counters by label
+    c.record([1, 1])
+    c.add_sampler({"fused_steps": 2, "ragged_steps": 1, "rows_without_drafts": 1, "features": {"logprobs": 2},
+                   "fallbacks": {}})
+    c.add_sampler({"fused_steps": 1, "ragged_steps": 0, "rows_without_drafts": 0,
+                   "features": {"logprobs": 1, "top-k/top-p": 1}, "fallbacks": {"not Gemma 4 MTP": 1}})
+    st = SchedulerStats()
+    st.gemma_mtp = merge(c.take(), None)
+    assert c.take() is None
+    lg.record(st, None)
+    text = prometheus_client.generate_latest().decode()
+    assert val("gemma_mtp:fused_sampler_steps_total") == 3 and val("gemma_mtp:ragged_steps_total") == 1
+    assert val("gemma_mtp:sampler_feature_steps_total", 'feature="logprobs",') == 3
+    assert val("gemma_mtp:sampler_feature_steps_total", 'feature="top-k/top-p",') == 1
+    assert 'gemma_mtp:sampler_fallback_steps_total{engine="7",model_name="t",reason="not Gemma 4 MTP"} 1.0' in text
+
+
+def test_sampler_take_delta_reports_changes_once():
+    from vllm_gemma_mtp.sampler import GemmaMTPRejectionSampler, _host_counts
+
+    s = GemmaMTPRejectionSampler.__new__(GemmaMTPRejectionSampler)  # the counters only: no engine
+    s.fused_steps = s.ragged_steps = s.rows_without_drafts = 0
+    s.features, s.fallbacks = Counter(), Counter()
+    s._taken = _host_counts(s)
+    assert s.take_delta() is None
+    s.fused_steps += 2
+    s.features["penalties"] += 2
+    s.fallbacks["not Gemma 4 MTP"] += 1
+    d = s.take_delta()
+    assert d == {"fused_steps": 2, "ragged_steps": 0, "rows_without_drafts": 0, "features": {"penalties": 2},
+                 "fallbacks": {"not Gemma 4 MTP": 1}}
+    assert s.take_delta() is None
+    s.features["logprobs"] += 1
+    assert s.take_delta()["features"] == {"logprobs": 1}  # only what changed
 
 
 def test_draft_length_buckets_are_valid_ray_boundaries():

@@ -209,6 +209,29 @@ def test_rejected_probes_back_off_and_an_accepted_probe_resets():
     assert after and all(g <= 9 for g in after), gaps  # an accepted probe: back to every probe_every steps
 
 
+def test_failed_calibration_drafts_do_not_delay_the_first_probe():
+    """Only probes back off: calibration's 1-token rounds failing (a drafter that is never right) leave a
+    request's first probe probe_every steps after it went to 0."""
+    cfg = PolicyConfig(max_k=4, probe_every=8)
+    pol = DraftPolicy(cfg)
+    for _ in range(20):  # a cost model that makes drafting useless unless acceptance is high
+        pol.costs.observe_verify(1, 0.01)
+        pol.costs.observe_verify(5, 0.05)
+        pol.costs.observe_draft(1, 1, 0.01)
+        pol.costs.observe_draft(1, 4, 0.04)
+    steps = []
+    for step in range(80):
+        d = pol.decide(["a"], [4])
+        steps.append((step, d.reason, d.lengths[0]))
+        if d.lengths[0]:
+            pol.observe("a", d.lengths[0], 0)
+    calib = [s for s, r, _ in steps if r == "calibration"]
+    assert sum(1 for _, r, k in steps if r == "calibration" and k == 1) >= 3  # failed 1-token rounds happened
+    probes = [s for s, r, _ in steps if r == "probe"]
+    assert probes and probes[0] - calib[-1] <= cfg.probe_every + 2, steps
+    assert probes[1] - probes[0] == 2 * cfg.probe_every + 1  # a failed probe does back off
+
+
 def test_a_policy_that_always_drafts_still_measures_a_plain_step():
     cfg = PolicyConfig(max_k=4, explore_every=10)
     pol = DraftPolicy(cfg)

@@ -53,6 +53,13 @@ def _check_plugin_metrics(metrics: str, k: int, n_requests: int) -> None:
     assert total - k * n_requests <= verified <= total, (verified, total)
     drafts = _value(metrics, "vllm:spec_decode_num_drafts_total")
     assert count - at0 - n_requests <= drafts <= count - at0, (drafts, count, at0)
+    # the rejection sampler's counters: every step that verified drafts went through the fused sampler (the
+    # others ran as plain decoding), the batch's logprobs were seen, and nothing fell back to vLLM's sampler
+    fused = _value(metrics, "gemma_mtp:fused_sampler_steps_total")
+    assert fused > 0 and fused + _value(metrics, "gemma_mtp:plain_steps_total") == _value(metrics, "gemma_mtp:steps_total")
+    assert _value(metrics, "gemma_mtp:sampler_feature_steps_total", feature="logprobs") > 0
+    assert _samples(metrics, "gemma_mtp:sampler_fallback_steps_total") == []
+    assert 0 < _value(metrics, "gemma_mtp:ragged_steps_total") <= fused  # 0-draft requests beside drafting ones
 
 
 def test_serve_completions_and_metrics(pair, tmp_path):
@@ -90,7 +97,7 @@ def test_serve_completions_and_metrics(pair, tmp_path):
         # a batch well past the adaptive calibration (4 * (K + 1) steps), so the cost model is live
         batch = json.dumps({"model": "tiny", "prompt": ["The quick brown fox", "Once upon a time", "a b c d",
                                                         "1 2 3 4"], "max_tokens": 48, "temperature": 0,
-                            "ignore_eos": True}).encode()
+                            "ignore_eos": True, "logprobs": 2}).encode()
         with urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/completions", data=batch,
                 headers={"Content-Type": "application/json"}), timeout=300) as r:

@@ -32,5 +32,8 @@ def test_soak_short(tmp_path):
     assert set(rep["rss_mib"]) == {"warm", "half", "three_quarters", "end"}
     mix = rep["mix"]
     assert mix["dropped_streams"] > 0 and mix["json schema"] > 0 and mix["n=2"] > 0 and mix["chat"] > 0
+    # the sampler check above means something: the mix carried the features it looks for
+    assert mix["penalties"] > 0 and mix["top_k/top_p"] > 0 and mix["logprobs"] > 0
+    assert rep["sampler"]["features"].get("top-k/top-p", 0) > 0 and not rep["sampler"]["fallbacks"]
     assert rep["lossless"]["identical"] == rep["lossless"]["greedy_completed"] > 20
     assert rep["metrics_after"]["vllm:spec_decode_num_drafts_total"] > 0

@@ -448,6 +448,9 @@ def patch_runner_metrics() -> None:
             counters = getattr(getattr(self, "drafter", None), "counters", None)
             if counters is None or out is None or out is EMPTY_MODEL_RUNNER_OUTPUT:
                 return out  # the counts wait for the next output
+            take_sampler = getattr(getattr(self, "rejection_sampler", None), "take_delta", None)
+            if take_sampler is not None:
+                counters.add_sampler(take_sampler())
             delta = counters.take()
             if delta is None:
                 return out

@@ -19,6 +19,11 @@ Metrics (labels model_name, engine, like vLLM's):
   gemma_mtp:draft_cost_seconds{term}        its draft round: fixed, per_step, per_row_step
   gemma_mtp:step_seconds_estimate           predicted seconds of the latest step (verify + draft round)
   gemma_mtp:adaptive                        1 when draft lengths are chosen per step, 0 for fixed K
+  gemma_mtp:fused_sampler_steps_total       verify steps sampled by the plugin's fused rejection sampler
+  gemma_mtp:sampler_fallback_steps_total{reason}  verify steps handed to vLLM's rejection sampler, by reason
+  gemma_mtp:sampler_feature_steps_total{feature}  fused steps that carried a sampling feature (penalties,
+                                            top-k/top-p, logprobs, bad words, ...), by feature
+  gemma_mtp:ragged_steps_total              fused steps whose requests had different draft counts
 Only the offline `LLM` class loads no stat-logger plugins (vLLM's choice); there, `scripts/engine_runs.py`'s
 `policy_state` reads the same numbers from the worker.
 """
@@ -42,6 +47,7 @@ class StepCounters:
     plain_steps: int = 0
     probes: int = 0
     costs: dict = field(default_factory=dict)
+    sampler: dict = None  # the rejection sampler's counts since the last take (GemmaMTPRejectionSampler.take_delta)
 
     def __post_init__(self):
         self.k_hist = self.k_hist or [0] * (self.max_k + 1)
@@ -54,16 +60,29 @@ class StepCounters:
             self.skipped_rounds += 1
         self.probes += probes
 
+    def add_sampler(self, delta: dict | None) -> None:
+        self.sampler = merge_sampler(self.sampler, delta)
+
     def take(self) -> dict | None:
         """The counts since the previous take (None when nothing happened), and the latest cost estimates."""
-        if not (self.steps or self.plain_steps):
+        if not (self.steps or self.plain_steps or self.sampler):
             return None
         out = {"max_k": self.max_k, "adaptive": self.adaptive, "k_hist": list(self.k_hist), "steps": self.steps,
                "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps, "probes": self.probes,
-               "costs": dict(self.costs)}
+               "costs": dict(self.costs), "sampler": self.sampler}
         self.k_hist = [0] * (self.max_k + 1)
         self.steps = self.skipped_rounds = self.plain_steps = self.probes = 0
+        self.sampler = None
         return out
+
+
+def merge_sampler(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    out = {k: a[k] + b[k] for k in ("fused_steps", "ragged_steps", "rows_without_drafts")}
+    for k in ("features", "fallbacks"):
+        out[k] = {n: a[k].get(n, 0) + b[k].get(n, 0) for n in set(a[k]) | set(b[k])}
+    return out
 
 
 def merge(a: dict | None, b: dict | None) -> dict | None:
@@ -77,6 +96,7 @@ def merge(a: dict | None, b: dict | None) -> dict | None:
     for key in ("steps", "skipped_rounds", "plain_steps", "probes"):
         out[key] = a[key] + b[key]
     out["costs"] = b["costs"] or a["costs"]
+    out["sampler"] = merge_sampler(a.get("sampler"), b.get("sampler"))
     return out
 
 
@@ -145,6 +165,14 @@ class _Metrics:
                           labelnames=labels, **gauge_kw)
         self.adaptive = Gauge(PREFIX + "adaptive", "1: draft lengths chosen per step; 0: fixed K",
                               labelnames=labels, **gauge_kw)
+        self.fused = Counter(PREFIX + "fused_sampler_steps", "Verify steps sampled by the plugin's fused "
+                             "rejection sampler", labelnames=labels)
+        self.fallback = Counter(PREFIX + "sampler_fallback_steps", "Verify steps handed to vLLM's rejection "
+                                "sampler, by reason", labelnames=labels + ["reason"])
+        self.feature = Counter(PREFIX + "sampler_feature_steps", "Fused sampler steps that carried a sampling "
+                               "feature, by feature", labelnames=labels + ["feature"])
+        self.ragged = Counter(PREFIX + "ragged_steps", "Fused sampler steps whose requests had different draft "
+                              "counts", labelnames=labels)
 
 
 def make_stat_logger_class():
@@ -195,6 +223,14 @@ def make_stat_logger_class():
                 for term, v in zip(("fixed", "per_step", "per_row_step"), c["draft"]):
                     self._l(m.draft, term=term).set(v)
                 self._l(m.step).set(c["step_estimate"])
+            smp = d.get("sampler")
+            if smp:
+                self._l(m.fused).inc(smp["fused_steps"])
+                self._l(m.ragged).inc(smp["ragged_steps"])
+                for reason, n in smp["fallbacks"].items():
+                    self._l(m.fallback, reason=reason).inc(n)
+                for feat, n in smp["features"].items():
+                    self._l(m.feature, feature=feat).inc(n)
 
         def log_engine_initialized(self):
             pass

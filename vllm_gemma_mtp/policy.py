@@ -315,6 +315,7 @@ class DraftPolicy:
     idle: dict = field(default_factory=dict)  # request -> steps since it last drafted
     wait: dict = field(default_factory=dict)  # request -> steps at 0 before its next probe (backoff)
     probes: int = 0  # request-steps that were probes
+    probing: set = field(default_factory=set)  # requests whose latest drafts were a probe (awaiting its outcome)
     since_plain: int = 0  # steps since the last step in which nobody drafted
     explored: int = 0  # steps forced to 0 drafts to re-measure a plain step
     chosen_hist: list = None  # how often each k was chosen, per request-step
@@ -360,6 +361,7 @@ class DraftPolicy:
                     lengths[i] = 1
                     reason = "probe"
                     self.probes += 1
+                    self.probing.add(key)
         for key, k in zip(keys, lengths):
             self.idle[key] = 0 if k > 0 else self.idle.get(key, 0) + 1
             self.chosen_hist[k] += 1
@@ -377,9 +379,13 @@ class DraftPolicy:
             return
         self.observations += 1
         base = self.cfg.probe_every
+        probed = key in self.probing
+        self.probing.discard(key)
         if accepted > 0:
             self.wait.pop(key, None)
-        elif drafted == 1:  # a 1-token draft that failed: probe this request less often
+        elif probed:  # a probe that failed: probe this request less often (calibration's and the chooser's
+            # own 1-token drafts do not count: four failed calibration rounds would otherwise push a
+            # request's first probe past 256 steps)
             self.wait[key] = min(2 * self.wait.get(key, base), base * self.cfg.probe_backoff_max)
 
     def forget(self, keys) -> None:
@@ -387,6 +393,7 @@ class DraftPolicy:
         for k in keys:
             self.idle.pop(k, None)
             self.wait.pop(k, None)
+            self.probing.discard(k)
 
 
 class ScriptedPolicy(DraftPolicy):

@@ -100,6 +100,7 @@ class GemmaMTPRejectionSampler(_Base):
         self.ragged_steps = 0  # steps whose requests had different draft counts
         self.rows_without_drafts = 0  # requests verified with 0 drafts (bonus token only)
         self.invalid_drafts = 0  # draft ids outside [0, V) (placeholders), rejected at their position
+        self._taken = _host_counts(self)  # what take_delta() last reported
         from vllm_gemma_mtp.plugin import current_options
 
         opts = current_options()
@@ -180,10 +181,28 @@ class GemmaMTPRejectionSampler(_Base):
                 seeds[i] = torch.randint(0, 2**62, (1,), generator=g, device=dev, dtype=torch.int64)[0]
         return uniforms, seeds
 
+    def take_delta(self) -> dict | None:
+        """The host-side counts since the previous call (metrics.StepCounters carries them to /metrics),
+        None when nothing changed. invalid_drafts stays out: it lives on the device, and reading it every
+        step would sync the host."""
+        now = _host_counts(self)
+        if now == self._taken:
+            return None
+        before, self._taken = self._taken, now
+        out = {k: now[k] - before[k] for k in ("fused_steps", "ragged_steps", "rows_without_drafts")}
+        for k in ("features", "fallbacks"):
+            out[k] = {n: c - before[k].get(n, 0) for n, c in now[k].items() if c != before[k].get(n, 0)}
+        return out
+
     def stats(self) -> dict:
         return {"fused_steps": self.fused_steps, "features": dict(self.features), "fallbacks": dict(self.fallbacks),
                 "ragged_steps": self.ragged_steps, "rows_without_drafts": self.rows_without_drafts,
                 "invalid_drafts": int(self.invalid_drafts)}
+
+
+def _host_counts(s) -> dict:
+    return {"fused_steps": s.fused_steps, "ragged_steps": s.ragged_steps, "rows_without_drafts": s.rows_without_drafts,
+            "features": dict(s.features), "fallbacks": dict(s.fallbacks)}
 
 
 def _processed_logits(target, temperature, num_draft_tokens):
