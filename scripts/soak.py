@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup-frac", type=float, default=0.25,
                     help="RSS growth is measured from the moment this share of the requests has completed")
+    ap.add_argument("--no-spec", action="store_true",
+                    help="the same load on a server without speculation (a baseline for RSS growth)")
     ap.add_argument("--out", default="artifacts/soak")
     args = ap.parse_args(argv)
     from tqdm import tqdm
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
                  "requests": args.requests, "concurrency": args.concurrency, "max_prompt": args.max_prompt,
                  "kv_cache_mib": args.kv_cache_mib, "checks": {}}
     t0 = time.time()
-    proc, port = start_server(True, args, out / "server_spec.log")
+    proc, port = start_server(not args.no_spec, args, out / "server_spec.log")
     rep["server_start_s"] = round(time.time() - t0, 1)
     rss = {}
     marks = {max(1, int(args.requests * f)): name for f, name in ((args.warmup_frac, "warm"), (0.5, "half"),
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
 
     try:
         t = time.time()
-        with tqdm(total=len(reqs), desc="soak (plugin server)", unit="req") as bar:
+        with tqdm(total=len(reqs), desc="soak (" + ("no-spec" if args.no_spec else "plugin") + " server)", unit="req") as bar:
             res = asyncio.run(drive(port, reqs, args.concurrency, progress=bar, on_done=on_done))
         rep["load_s"] = round(time.time() - t, 1)
         time.sleep(3)  # finished and aborted requests leave the scheduler
@@ -259,7 +261,8 @@ def main(argv=None) -> int:
     # sampler features); every request is Gemma 4 MTP, so nothing may fall back to vLLM's sampler
     want = [f for f, key in (("penalties", "penalties"), ("top-k/top-p", "top_k/top_p"), ("logprobs", "logprobs"))
             if rep["mix"][key]]
-    sampler_ok = (bool(rep["sampler"]["fused_steps"]) and not falls and all(feats.get(f, 0) > 0 for f in want))
+    sampler_ok = args.no_spec or (bool(rep["sampler"]["fused_steps"]) and not falls
+                                  and all(feats.get(f, 0) > 0 for f in want))
     rep["rss_mib"] = {k: round(v / 2**20, 1) for k, v in rss.items()}
     growth = (rss["end"] - rss["warm"]) / rss["warm"] if rss.get("warm") else None
     rep["rss_growth_after_warmup"] = growth
