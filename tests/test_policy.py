@@ -186,27 +186,67 @@ def test_cost_model_ready_needs_variety():
     assert cm.ready()
 
 
-def test_rejected_probes_back_off_and_an_accepted_probe_resets():
+def test_probes_back_off_until_the_chooser_drafts_again():
+    """Each probe doubles the wait, accepted or not, while the chooser keeps the request at 0 (a drafter that
+    is right but costs more than it saves at this load); once drafting pays and the chooser drafts for the
+    request, its wait starts over."""
     cfg = PolicyConfig(max_k=4, probe_every=8, probe_backoff_max=4)
     pol = DraftPolicy(cfg)
     pol.steps = 10_000  # past calibration
-    for _ in range(20):  # a cost model that makes drafting useless unless acceptance is high
+
+    def costs(draft_s):  # verify: 10 ms per token; a draft round of draft_s per token
+        for _ in range(200):
+            pol.costs.observe_verify(1, 0.01)
+            pol.costs.observe_verify(5, 0.05)
+            pol.costs.observe_draft(1, 1, draft_s)
+            pol.costs.observe_draft(1, 4, 4 * draft_s)
+
+    costs(0.01)  # drafting useless unless acceptance is high
+    pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)  # engine-wide: never right
+    probe_steps, accept_from, cheap_from, chooser_drafted = [], 300, 500, None
+    for step in range(800):
+        if step == cheap_from:
+            costs(1e-6)
+            pol.costs.observe_verify(5, 0.0101)  # verifying 5 tokens costs what 1 does
+            for _ in range(200):
+                pol.costs.observe_verify(1, 0.01)
+                pol.costs.observe_verify(5, 0.0101)
+        d = pol.decide(["a"], [4])
+        if d.reason == "probe":
+            probe_steps.append(step)
+        elif d.lengths[0] and chooser_drafted is None:
+            chooser_drafted = step
+            assert "a" not in pol.wait  # the chooser drafts: probes start over when it stops
+        if d.lengths[0]:
+            pol.observe("a", d.lengths[0], d.lengths[0] if step >= accept_from else 0)
+    gaps = {a: b - a for a, b in zip(probe_steps, probe_steps[1:])}
+    early = [g for a, g in gaps.items() if a < cheap_from]
+    assert early[:3] == [17, 33, 33] and max(early) == 33, gaps  # 8 -> 16 -> 32 (capped at 4 x 8) steps idle
+    assert any(a >= accept_from for a in gaps if a < cheap_from)  # accepted probes came before the costs fell
+    assert all(g == 33 for a, g in gaps.items() if accept_from <= a < cheap_from), gaps  # and did not reset
+    assert chooser_drafted is not None and chooser_drafted >= cheap_from, (chooser_drafted, gaps)
+
+
+def test_due_probes_coalesce_into_one_step():
+    """When one request's probe is due, every request past half its wait probes in the same step."""
+    cfg = PolicyConfig(max_k=4, probe_every=8)
+    pol = DraftPolicy(cfg)
+    pol.steps = 10_000
+    for _ in range(20):
         pol.costs.observe_verify(1, 0.01)
         pol.costs.observe_verify(5, 0.05)
         pol.costs.observe_draft(1, 1, 0.01)
         pol.costs.observe_draft(1, 4, 0.04)
-    pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)  # engine-wide: never right
-    probe_steps, accept_from = [], 400
-    for step in range(600):
-        d = pol.decide(["a"], [4])
-        if d.lengths[0]:
-            probe_steps.append(step)
-            pol.observe("a", d.lengths[0], 1 if step >= accept_from else 0)
-    gaps = [b - a for a, b in zip(probe_steps, probe_steps[1:])]
-    before = [g for a, g in zip(probe_steps, gaps) if a < accept_from]
-    assert before[:3] == [17, 33, 33] and max(before) == 33, gaps  # 8 -> 16 -> 32 (capped at 4 x 8) steps idle
-    after = [g for a, g in zip(probe_steps, gaps) if a >= accept_from]
-    assert after and all(g <= 9 for g in after), gaps  # an accepted probe: back to every probe_every steps
+    pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)
+    keys = [f"r{i}" for i in range(8)]
+    probe_steps = []
+    for step in range(200):
+        live = keys[: 1 + min(step // 2, 7)]  # requests arrive two steps apart: their waits are staggered
+        d = pol.decide(live, [4] * len(live))
+        if d.reason == "probe":
+            probe_steps.append((step, sum(d.lengths)))
+    assert len(probe_steps) <= 200 // 8, probe_steps  # not one probe step per request
+    assert max(n for _, n in probe_steps) >= 4, probe_steps  # requests probed together
 
 
 def test_failed_calibration_drafts_do_not_delay_the_first_probe():
