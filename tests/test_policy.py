@@ -186,6 +186,16 @@ def test_cost_model_ready_needs_variety():
     assert cm.ready()
 
 
+def _teach_costs(pol, verify5=0.05, draft_s=0.01, n=20):
+    """Timing samples: a verify step of 1 token takes 10 ms, of 5 tokens verify5; a draft round draft_s per
+    token. The defaults make drafting useless unless acceptance is high."""
+    for _ in range(n):
+        pol.costs.observe_verify(1, 0.01)
+        pol.costs.observe_verify(5, verify5)
+        pol.costs.observe_draft(1, 1, draft_s)
+        pol.costs.observe_draft(1, 4, 4 * draft_s)
+
+
 def test_probes_back_off_until_the_chooser_drafts_again():
     """Each probe doubles the wait, accepted or not, while the chooser keeps the request at 0 (a drafter that
     is right but costs more than it saves at this load); once drafting pays and the chooser drafts for the
@@ -193,24 +203,12 @@ def test_probes_back_off_until_the_chooser_drafts_again():
     cfg = PolicyConfig(max_k=4, probe_every=8, probe_backoff_max=4)
     pol = DraftPolicy(cfg)
     pol.steps = 10_000  # past calibration
-
-    def costs(draft_s):  # verify: 10 ms per token; a draft round of draft_s per token
-        for _ in range(200):
-            pol.costs.observe_verify(1, 0.01)
-            pol.costs.observe_verify(5, 0.05)
-            pol.costs.observe_draft(1, 1, draft_s)
-            pol.costs.observe_draft(1, 4, 4 * draft_s)
-
-    costs(0.01)  # drafting useless unless acceptance is high
+    _teach_costs(pol, n=200)  # drafting useless unless acceptance is high
     pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)  # engine-wide: never right
     probe_steps, accept_from, cheap_from, chooser_drafted = [], 300, 500, None
     for step in range(800):
         if step == cheap_from:
-            costs(1e-6)
-            pol.costs.observe_verify(5, 0.0101)  # verifying 5 tokens costs what 1 does
-            for _ in range(200):
-                pol.costs.observe_verify(1, 0.01)
-                pol.costs.observe_verify(5, 0.0101)
+            _teach_costs(pol, verify5=0.0101, draft_s=1e-6, n=200)  # verifying 5 tokens costs what 1 does
         d = pol.decide(["a"], [4])
         if d.reason == "probe":
             probe_steps.append(step)
@@ -232,11 +230,7 @@ def test_due_probes_coalesce_into_one_step():
     cfg = PolicyConfig(max_k=4, probe_every=8)
     pol = DraftPolicy(cfg)
     pol.steps = 10_000
-    for _ in range(20):
-        pol.costs.observe_verify(1, 0.01)
-        pol.costs.observe_verify(5, 0.05)
-        pol.costs.observe_draft(1, 1, 0.01)
-        pol.costs.observe_draft(1, 4, 0.04)
+    _teach_costs(pol)
     pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)
     keys = [f"r{i}" for i in range(8)]
     probe_steps = []
@@ -254,11 +248,7 @@ def test_failed_calibration_drafts_do_not_delay_the_first_probe():
     request's first probe probe_every steps after it went to 0."""
     cfg = PolicyConfig(max_k=4, probe_every=8)
     pol = DraftPolicy(cfg)
-    for _ in range(20):  # a cost model that makes drafting useless unless acceptance is high
-        pol.costs.observe_verify(1, 0.01)
-        pol.costs.observe_verify(5, 0.05)
-        pol.costs.observe_draft(1, 1, 0.01)
-        pol.costs.observe_draft(1, 4, 0.04)
+    _teach_costs(pol)  # drafting useless unless acceptance is high
     steps = []
     for step in range(80):
         d = pol.decide(["a"], [4])
