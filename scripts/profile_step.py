@@ -47,6 +47,8 @@ def instrument() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _timed(EngineCore, "step", "engine step")
+    # after each step, outside `step`: a speculative engine asks the worker for its drafts (one more RPC)
+    _timed(EngineCore, "post_step", "engine post_step")
     _timed(Scheduler, "schedule", "  scheduler.schedule")
     _timed(Scheduler, "update_from_output", "  scheduler.update_from_output")
     for name in ("execute_model", "_update_states", "_prepare_inputs", "_calc_spec_decode_metadata",
