@@ -77,6 +77,21 @@ def _script(schedule):
     return install
 
 
+def _count_draft_rpcs(worker):
+    """Count the engine core's take_draft_token_ids RPCs to this worker (installed on the instance, which
+    collective_rpc looks up first); returns the count so far."""
+    if not hasattr(worker, "_draft_rpcs"):
+        orig = worker.take_draft_token_ids
+        worker._draft_rpcs = 0
+
+        def take():
+            worker._draft_rpcs += 1
+            return orig()
+
+        worker.take_draft_token_ids = take
+    return worker._draft_rpcs
+
+
 def _greedy(llm, params_list, prompts=PROMPTS):
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params_list, use_tqdm=False)]
 
@@ -110,8 +125,12 @@ def test_forced_schedule_within_requests_is_lossless(trained):
     from vllm import SamplingParams
 
     base, spec = trained
+    from engine_utils import collect_metrics as metrics
+
     sp = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     spec.collective_rpc(_script([4, 0, 2, 4]))
+    rpcs = spec.collective_rpc(_count_draft_rpcs)[0]
+    before = metrics(spec)
     try:
         out = _greedy(spec, [sp] * len(PROMPTS))
         st = _proposer_stats(spec)
@@ -120,6 +139,11 @@ def test_forced_schedule_within_requests_is_lossless(trained):
     assert out == _greedy(base, [sp] * len(PROMPTS))
     assert st["decisions"].get("scripted", 0) > 8
     assert st["skipped_rounds"] > 0
+    # the drafts reached the scheduler with each step's output (compat.patch_drafts_with_output), not by a
+    # second RPC per step: vLLM verified them (its own counters), and the engine core never asked
+    m = metrics(spec)
+    assert m["vllm:spec_decode_num_draft_tokens"] - before["vllm:spec_decode_num_draft_tokens"] > 8 * len(PROMPTS)
+    assert spec.collective_rpc(_count_draft_rpcs)[0] == rpcs
 
 
 def test_random_sampling_keeps_the_distribution_adaptive(trained):

@@ -5,6 +5,8 @@ Prometheus samples. (On a real server, against vLLM's spec-decode counters: test
 from collections import Counter
 from types import SimpleNamespace
 
+import pytest
+
 from vllm_gemma_mtp.metrics import StepCounters, merge
 
 
@@ -127,3 +129,25 @@ def test_draft_length_buckets_are_valid_ray_boundaries():
     b = draft_length_buckets(4, ray=True)
     assert b[0] == 0.5 and all(x > 0 for x in b) and len(b) == 9
     Histogram("gemma_mtp_test_draft_length", "test", boundaries=b)  # raises on a bad boundary
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 3, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [1]])
+def test_observe_counts_matches_one_observation_at_a_time(counts):
+    import prometheus_client
+
+    from vllm_gemma_mtp.metrics import draft_length_buckets, observe_counts
+
+    reg = prometheus_client.CollectorRegistry()
+    kw = dict(buckets=draft_length_buckets(4, False), registry=reg, labelnames=["way"])
+    h = prometheus_client.Histogram("t_draft_length", "test", **kw)
+    observe_counts(h.labels(way="bulk"), counts)
+    one = h.labels(way="single")
+    for k, n in enumerate(counts):
+        for _ in range(n):
+            one.observe(k)
+
+    def samples(way):
+        return [(s.name, s.labels.get("le"), s.value) for m in reg.collect() for s in m.samples
+                if s.labels.get("way") == way and not s.name.endswith("_created")]
+
+    assert samples("bulk") == samples("single") and samples("bulk")

@@ -361,3 +361,33 @@ def test_an_all_zero_answer_is_held_only_while_its_inputs_stand():
     assert pol.held_zero == held + 1
     pol.decide(keys + ["e"], [3] * 5)  # other caps: afresh
     assert pol.held_zero == held + 1
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_held_steps_probe_exactly_when_full_decisions_would(B):
+    """The O(1) held step (no probe due, nothing the chooser reads changed) gives the same draft lengths,
+    probes included, as running the chooser every step: a never-right drafter, its probes rejected."""
+    runs = []
+    for recheck in (1, 4):
+        cfg = PolicyConfig(max_k=4, calibration_steps=1, min_samples=2, zero_recheck_every=recheck,
+                           probe_every=6, probe_backoff_max=4, explore_every=10 ** 6)
+        pol = DraftPolicy(cfg)
+        _teach_costs(pol)
+        keys = [f"r{i}" for i in range(B)]
+        for k in keys:
+            pol.observe(k, 4, 0)
+        seq = []
+        for step in range(400):
+            if step == 200:  # a request leaves and another joins halfway
+                keys = keys[1:] + ["late"]
+            d = pol.decide(keys, [4] * len(keys))
+            seq.append(tuple(d.lengths))
+            for k, n in zip(keys, d.lengths):
+                if n:
+                    pol.observe(k, n, 0)
+            if step == 199:
+                pol.forget([keys[0]])
+        runs.append((seq, pol.held_zero, pol.probes))
+    (full, held_full, probes_full), (fast, held_fast, probes_fast) = runs
+    assert held_full == 0 and held_fast > 0.5 * len(fast)
+    assert fast == full and probes_fast == probes_full > 0

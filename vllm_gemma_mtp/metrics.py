@@ -54,10 +54,12 @@ class StepCounters:
 
     def record(self, lengths: list[int], probes: int = 0) -> None:
         self.steps += 1
-        for n in lengths:
-            self.k_hist[min(max(int(n), 0), self.max_k)] += 1
         if not any(lengths):
+            self.k_hist[0] += len(lengths)
             self.skipped_rounds += 1
+        else:
+            for n in lengths:
+                self.k_hist[min(max(int(n), 0), self.max_k)] += 1
         self.probes += probes
 
     def add_sampler(self, delta: dict | None) -> None:
@@ -98,6 +100,24 @@ def merge(a: dict | None, b: dict | None) -> dict | None:
     out["costs"] = b["costs"] or a["costs"]
     out["sampler"] = merge_sampler(a.get("sampler"), b.get("sampler"))
     return out
+
+
+def observe_counts(hist, counts: list[int]) -> None:
+    """counts[k] observations of the value k. A server at concurrency 32 makes 32 a step; prometheus_client's
+    histogram child takes them as one add per bucket (its buckets hold per-bucket counts, summed when
+    scraped). Anything else (Ray's wrapper) gets them one by one."""
+    import bisect
+
+    bounds, buckets, total = (getattr(hist, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for k, n in enumerate(counts):
+            for _ in range(n):
+                hist.observe(k)
+        return
+    for k, n in enumerate(counts):
+        if n:
+            buckets[bisect.bisect_left(bounds, k)].inc(n)
+            total.inc(k * n)
 
 
 def _metric_classes():
@@ -207,10 +227,7 @@ def make_stat_logger_class():
             if not d:
                 return
             m = self.m
-            hist = self._l(m.draft_length)
-            for k, n in enumerate(d["k_hist"]):
-                for _ in range(n):
-                    hist.observe(k)
+            observe_counts(self._l(m.draft_length), d["k_hist"])
             self._l(m.steps).inc(d["steps"])
             self._l(m.skipped).inc(d["skipped_rounds"])
             self._l(m.plain).inc(d["plain_steps"])

@@ -316,7 +316,7 @@ class DraftPolicy:
     acceptance: AcceptanceStats = None
     costs: CostModel = None
     steps: int = 0
-    idle: dict = field(default_factory=dict)  # request -> steps since it last drafted
+    last: dict = field(default_factory=dict)  # request -> the step it last drafted in (first seen: the step before)
     wait: dict = field(default_factory=dict)  # request -> steps at 0 before its next probe (backoff)
     probes: int = 0  # request-steps that were probes
     since_plain: int = 0  # steps since the last step in which nobody drafted
@@ -326,6 +326,7 @@ class DraftPolicy:
     observations: int = 0  # acceptance observations so far (what a held all-zero answer depends on)
     held_zero: int = 0  # steps that reused the all-zero answer without running the chooser
     _zero_answer: tuple = None  # ((keys, caps, observations), step, rate) of the last all-zero choice
+    _probe_due: int = 0  # the first step at which some request's probe is due (held steps stop there)
 
     def __post_init__(self):
         self.acceptance = self.acceptance or AcceptanceStats(self.cfg)
@@ -334,7 +335,8 @@ class DraftPolicy:
 
     def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
         K = self.cfg.max_k
-        caps = [max(0, min(int(c), K)) for c in caps]
+        caps = list(caps) if not caps or (min(caps) >= 0 and max(caps) <= K) else [max(0, min(int(c), K))
+                                                                                   for c in caps]
         calib = self.cfg.calibration_steps or 4 * (K + 1)
         self.steps += 1
         if self.steps <= calib or not self.costs.ready():
@@ -348,7 +350,16 @@ class DraftPolicy:
             self.explored += 1
         else:
             za, sig = self._zero_answer, (tuple(keys), tuple(caps), self.observations)
-            if za is not None and za[0] == sig and self.steps - za[1] < self.cfg.zero_recheck_every:
+            held = za is not None and za[0] == sig and self.steps - za[1] < self.cfg.zero_recheck_every
+            if held and self.steps < self._probe_due:
+                # nothing the chooser reads has changed and no probe is due: the step costs O(1) Python
+                # beyond building the answer (a zero-accept batch of 64 spends most steps here)
+                self.held_zero += 1
+                self.chosen_hist[0] += len(keys)
+                self.skipped_rounds += 1
+                self.since_plain = 0
+                return StepDecision([0] * len(keys), "policy", za[2])
+            if held:
                 lengths, rate = [0] * len(caps), za[2]
                 self.held_zero += 1
             else:
@@ -362,19 +373,31 @@ class DraftPolicy:
             for i, key in enumerate(keys):
                 if lengths[i] > 0:
                     self.wait.pop(key, None)  # the chooser drafts for it: probes start over when it stops
+            s = self.steps
+            for key in keys:
+                self.last.setdefault(key, s - 1)
+            # idle: steps at 0 drafts since the request last drafted
             zero = [i for i, key in enumerate(keys) if lengths[i] == 0 and caps[i] > 0]
-            if any(self.idle.get(keys[i], 0) >= self.wait.get(keys[i], base) for i in zero):
+            if any(s - 1 - self.last[keys[i]] >= self.wait.get(keys[i], base) for i in zero):
                 for i in zero:
                     key = keys[i]
                     w = self.wait.get(key, base)
-                    if 2 * self.idle.get(key, 0) >= w:
+                    if 2 * (s - 1 - self.last[key]) >= w:
                         lengths[i] = 1
                         reason = "probe"
                         self.probes += 1
                         self.wait[key] = min(2 * w, base * self.cfg.probe_backoff_max)
+        s = self.steps
         for key, k in zip(keys, lengths):
-            self.idle[key] = 0 if k > 0 else self.idle.get(key, 0) + 1
+            if k > 0:
+                self.last[key] = s
+            else:
+                self.last.setdefault(key, s - 1)
             self.chosen_hist[k] += 1
+        # a request at 0 is due when s - 1 - last >= its wait; those that drafted now count from now
+        base = self.cfg.probe_every
+        self._probe_due = min((self.last[key] + 1 + self.wait.get(key, base)
+                               for key, c in zip(keys, caps) if c > 0), default=math.inf)
         if not any(lengths):
             self.skipped_rounds += 1
             self.since_plain = 0
@@ -392,7 +415,7 @@ class DraftPolicy:
     def forget(self, keys) -> None:
         self.acceptance.forget(keys)
         for k in keys:
-            self.idle.pop(k, None)
+            self.last.pop(k, None)
             self.wait.pop(k, None)
 
 
