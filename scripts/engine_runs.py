@@ -105,6 +105,26 @@ class RunResult:
 
 
 def _spec_counters(llm) -> dict:
+    """This engine's vllm:spec_decode_* counters, read from its own Prometheus stat logger. Not from
+    `llm.get_metrics()`: that reads the process-wide registry, and every new engine unregisters the earlier
+    ones' collectors (vLLM's PrometheusStatLogger), so with several engines up in one process every engine
+    read the last-started engine's counts (bench.py's MAL columns before 2026-12-02 showed one number per
+    cell, the adaptive engine's, in every mode). Falls back to the registry without a stat logger."""
+    prom = None
+    for lg in getattr(getattr(llm.llm_engine, "logger_manager", None), "stat_loggers", None) or []:
+        prom = getattr(lg, "spec_decoding_prom", None) or prom
+    if prom is not None:
+        if not getattr(prom, "spec_decoding_enabled", False):
+            return {}
+        try:
+            v = lambda c: c._value.get()  # noqa: E731  (a prometheus_client child's value)
+            return {"vllm:spec_decode_num_drafts": v(prom.counter_spec_decode_num_drafts[0]),
+                    "vllm:spec_decode_num_draft_tokens": v(prom.counter_spec_decode_num_draft_tokens[0]),
+                    "vllm:spec_decode_num_accepted_tokens": v(prom.counter_spec_decode_num_accepted_tokens[0]),
+                    "vllm:spec_decode_num_accepted_tokens_per_pos":
+                        [v(c) for c in prom.counter_spec_decode_num_accepted_tokens_per_pos[0]]}
+        except (AttributeError, KeyError, IndexError, TypeError):
+            pass  # another vLLM's layout: the registry
     out = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
