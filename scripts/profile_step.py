@@ -51,12 +51,8 @@ def instrument() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _timed(EngineCore, "step", "engine step")
-    from vllm.v1.engine.core import EngineCoreProc
-
-    # the engine-core process's busy loop (multiprocess engines): one step with its draft-ids RPC and the
-    # hand-off of its outputs to the sender thread
-    _timed(EngineCoreProc, "_process_engine_step", "engine-core loop step")
-    # after each step, outside `step`: a speculative engine asks the worker for its drafts (one more RPC)
+    # after each step, outside `step`: the scheduler takes the drafts (vLLM asks the worker in one more RPC;
+    # the plugin's come with the step's output, compat.patch_drafts_with_output)
     _timed(EngineCore, "post_step", "engine post_step")
     _timed(Scheduler, "schedule", "  scheduler.schedule")
     _timed(Scheduler, "update_from_output", "  scheduler.update_from_output")
@@ -151,7 +147,8 @@ def main():
                else [[2] + [(13 * i + j) % 400 + 5 for j in range(8 + i)] for i in range(args.batch)])
     if args.in_process:
         instrument()
-    llm = start_engine(str(d / "target"), str(d / "assistant"), args.mode, max(args.k, 1), max_num_seqs=args.max_num_seqs or max(16, args.batch))
+    llm = start_engine(str(d / "target"), str(d / "assistant"), args.mode, max(args.k, 1),
+                       max_num_seqs=args.max_num_seqs or max(16, args.batch))
     if not args.in_process:
         llm.collective_rpc(_install_remote)
     if args.schedule is not None:
@@ -169,17 +166,17 @@ def main():
         if args.in_process:
             prof = cProfile.Profile()
             prof.enable()
-        else:  # the engine-core process's main thread (the busy loop, where the worker runs too)
+        else:  # the worker process's main thread (where collective_rpc runs)
             llm.collective_rpc(_cprofile_remote, args=(None,))
     r = timed_runs(llm, prompts, args.max_tokens, runs=args.runs, warmup=0, mode=args.mode, k=args.k)
     if prof is not None:
         prof.disable()
     elif args.cprofile:
-        core_stats = f"/tmp/profile_step_core_{os.getpid()}.prof"
-        llm.collective_rpc(_cprofile_remote, args=(core_stats,))
+        worker_stats = f"/tmp/profile_step_worker_{os.getpid()}.prof"
+        llm.collective_rpc(_cprofile_remote, args=(worker_stats,))
         import pstats
 
-        prof = pstats.Stats(core_stats)
+        prof = pstats.Stats(worker_stats)
     if not args.in_process:
         TIMES.update(llm.collective_rpc(_read_remote)[0])
     # engine steps are timed only when the engine core runs in this process; else count the runner's steps

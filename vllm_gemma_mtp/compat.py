@@ -474,7 +474,7 @@ def _attach_drafts(runner, out) -> None:
     if take is None or uses_async_scheduling(runner) or hasattr(out, "get_output"):
         return
     drafts = take()
-    if drafts is not None:  # copies: the runner's lists change with the next step (in-process engines)
+    if drafts is not None:  # req_ids is the input batch's own list, which the next step edits in place
         drafts = type(drafts)(list(drafts.req_ids), drafts.draft_token_ids)
     out.gemma_mtp_drafts = drafts
 
