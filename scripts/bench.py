@@ -220,7 +220,8 @@ def main():
     settings = {"runs": args.runs, "max_tokens": args.max_tokens, "dtype": "float32", "enforce_eager": True,
                 "tensor_parallel_size": tp,
                 "plugin_compile": "torch.compile, C++ wrapper on CPU", "warmup_runs": 1, "greedy": True,
-                "timing": "engines of one pair and K up together, timed round-robin, one run of each per round"}
+                "timing": "engines of one pair and K up together, timed round-robin, one run of each per round, the "
+                          "order rotating every round, each timed run 1.2 s after the previous one ended"}
     (out / "bench.json").write_text(json.dumps({"machine": info, "settings": settings,
                                                 "greedy_outputs_identical_in_all_modes": outputs_identical,
                                                 "rows": rows, "summary": summary}, indent=1))

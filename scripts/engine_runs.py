@@ -1,9 +1,9 @@
 """Shared by the demo and the benchmark: start one vLLM engine per configuration, time greedy batches,
 read acceptance from vLLM's own spec-decode metrics (differences over the timed runs only).
 
-`interleaved_runs` times several engines round-robin (one run of each per round): this machine's speed
-drifts by tens of percent over minutes, and interleaving puts every mode under the same drift, so the
-ratios between modes stay honest. Idle engines cost ~2 % of a core each (measured), so they can stay up."""
+`interleaved_runs` times several engines round-robin (one run of each per round, the order rotating): this
+machine's speed drifts by tens of percent over minutes, and interleaving puts every mode under the same drift,
+so the ratios between modes stay honest. Idle engines cost ~2 % of a core each (measured), so they can stay up."""
 
 from __future__ import annotations
 
@@ -195,9 +195,18 @@ def _acceptance(r: RunResult, before: dict, after: dict) -> RunResult:
     return r
 
 
-def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup: int = 1) -> dict:
+# vLLM's shared-memory queue readers (each idle engine's worker) busy-loop for 1 s after their last message
+# before they block (distributed/device_communicators/shm_broadcast.py, busy_loop_s): on 2 cores an engine
+# timed right after another shares the CPU with that one's spinning worker for its first second
+SETTLE_S = 1.2
+
+
+def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup: int = 1,
+                     settle_s: float = SETTLE_S) -> dict:
     """engines: {mode: (llm, k)}. Warm-up runs of each first (not counted), then `runs` rounds of one timed
-    run per engine. Returns {mode: RunResult} (median tokens/s, acceptance over all timed runs)."""
+    run per engine, the order rotating by one engine each round (no mode always follows the same one), each
+    timed run starting `settle_s` after the previous run ended. Returns {mode: RunResult} (median tokens/s,
+    acceptance over all timed runs)."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -208,8 +217,12 @@ def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup:
     before = {m: _spec_counters(llm) for m, (llm, _) in engines.items()}
     rates = {m: [] for m in engines}
     outs = {}
-    for _ in range(runs):
-        for m, (llm, _) in engines.items():
+    names = list(engines)
+    for rnd in range(runs):
+        for m in names[rnd % len(names):] + names[:rnd % len(names)]:
+            llm = engines[m][0]
+            if len(names) > 1:
+                time.sleep(settle_s)
             t = time.perf_counter()
             res = llm.generate(reqs, sp, use_tqdm=False)
             dt = time.perf_counter() - t
