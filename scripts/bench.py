@@ -131,7 +131,7 @@ def main():
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from engine_runs import interleaved_runs, policy_state, start_engine, stop_engine
+    from engine_runs import SETTLE_S, interleaved_runs, policy_state, start_engine, stop_engine
     from vllm_gemma_mtp.fixtures import ensure_pair
 
     os.environ["VLLM_GEMMA_MTP_COMPILE"] = "1"
@@ -221,7 +221,7 @@ def main():
                 "tensor_parallel_size": tp,
                 "plugin_compile": "torch.compile, C++ wrapper on CPU", "warmup_runs": 1, "greedy": True,
                 "timing": "engines of one pair and K up together, timed round-robin, one run of each per round, the "
-                          "order rotating every round, each timed run 1.2 s after the previous one ended"}
+                          f"order rotating every round, each timed run {SETTLE_S} s after the previous one ended"}
     (out / "bench.json").write_text(json.dumps({"machine": info, "settings": settings,
                                                 "greedy_outputs_identical_in_all_modes": outputs_identical,
                                                 "rows": rows, "summary": summary}, indent=1))
