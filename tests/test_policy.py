@@ -200,7 +200,7 @@ def test_probes_back_off_until_the_chooser_drafts_again():
     """Each probe doubles the wait, accepted or not, while the chooser keeps the request at 0 (a drafter that
     is right but costs more than it saves at this load); once drafting pays and the chooser drafts for the
     request, its wait starts over."""
-    cfg = PolicyConfig(max_k=4, probe_every=8, probe_backoff_max=4)
+    cfg = PolicyConfig(max_k=4, probe_every=8, probe_backoff_max=4, probe_budget=None)  # (budget: below)
     pol = DraftPolicy(cfg)
     pol.steps = 10_000  # past calibration
     _teach_costs(pol, n=200)  # drafting useless unless acceptance is high
@@ -227,7 +227,7 @@ def test_probes_back_off_until_the_chooser_drafts_again():
 
 def test_due_probes_coalesce_into_one_step():
     """When one request's probe is due, every request past half its wait probes in the same step."""
-    cfg = PolicyConfig(max_k=4, probe_every=8)
+    cfg = PolicyConfig(max_k=4, probe_every=8, probe_budget=None)
     pol = DraftPolicy(cfg)
     pol.steps = 10_000
     _teach_costs(pol)
@@ -241,6 +241,56 @@ def test_due_probes_coalesce_into_one_step():
             probe_steps.append((step, sum(d.lengths)))
     assert len(probe_steps) <= 200 // 8, probe_steps  # not one probe step per request
     assert max(n for _, n in probe_steps) >= 4, probe_steps  # requests probed together
+
+
+def _run_never_right(cfg, verify, draft, B=16, life=128, steps=2000, round_len=4):
+    """A batch of B never-right requests, each replaced after `life` steps, timed by a known cost law (the
+    policy learns it from the same samples). Returns (seconds spent beyond plain steps / all seconds, probe
+    steps)."""
+    pol = DraftPolicy(cfg)
+    (v0, v1, v2), (d0, d1, d2) = verify, draft
+    spent = extra = 0.0
+    probe_steps = []
+    for step in range(steps):
+        keys = [f"r{(step + 7 * i) // life}-{i}" for i in range(B)]  # staggered arrivals
+        d = pol.decide(keys, [4] * B, round_len=round_len)
+        n, rows = sum(d.lengths), B - d.lengths.count(0)
+        t_verify = v0 + v1 * (B + n) + (v2 if n else 0.0)
+        t_draft = d0 + d1 * round_len + d2 * rows * round_len if n else 0.0
+        pol.costs.observe_verify(B + n, t_verify, n)
+        if n:
+            pol.costs.observe_draft(rows, round_len, t_draft)
+        for key, k in zip(keys, d.lengths):
+            pol.observe(key, k, 0)
+        if step >= 200:  # after calibration and the first waits
+            spent += t_verify + t_draft
+            extra += t_verify + t_draft - (v0 + v1 * B)
+            probe_steps += [step] * (d.reason == "probe")
+        pol.forget([k for k in pol.last if k not in keys])
+    return extra / spent, probe_steps
+
+
+def test_probes_stay_within_their_budget_where_they_are_dear():
+    """On a CPU under load a coalesced probe costs about two plain steps (trained pair, batch 16-64: 12 probe
+    steps in 516 cost ~5%): the allowance holds what probes spend to probe_budget of the step time, and
+    they still run, coalesced."""
+    verify, draft = (7e-3, 5e-5, 3e-3), (2e-4, 7e-4, 1.1e-4)  # this machine's batch-16 fit (README)
+    free, free_steps = _run_never_right(PolicyConfig(max_k=4, probe_budget=None), verify, draft)
+    cfg = PolicyConfig(max_k=4, probe_budget=0.02)
+    held, held_steps = _run_never_right(cfg, verify, draft)
+    assert free > 0.04, free  # without the budget probes cost more than the 3% the goals allow
+    assert 0.0 < held <= cfg.probe_budget * 1.05, held
+    assert len(held_steps) >= 10, held_steps  # 1800 steps: probes keep coming, less often
+    assert len(held_steps) < len(free_steps)
+
+
+def test_probe_budget_does_not_bind_where_probes_are_cheap():
+    """On a GPU below its compute bound a probe costs a few percent of a step: the schedule is the
+    backoff's alone, the same with and without the budget."""
+    verify, draft = (10e-3, 2e-6, 0.2e-3), (0.3e-3, 0.2e-3, 1e-6)
+    _, free_steps = _run_never_right(PolicyConfig(max_k=4, probe_budget=None), verify, draft)
+    _, held_steps = _run_never_right(PolicyConfig(max_k=4, probe_budget=0.02), verify, draft)
+    assert held_steps == free_steps and len(free_steps) > 10
 
 
 def test_failed_calibration_drafts_do_not_delay_the_first_probe():

@@ -15,6 +15,8 @@ Metrics (labels model_name, engine, like vLLM's):
   gemma_mtp:draft_rounds_skipped_total      steps where no request drafted (no draft round ran)
   gemma_mtp:plain_steps_total               steps the runner ran as plain decoding (no drafts to verify)
   gemma_mtp:probes_total                    1-token probes of requests at 0 drafts
+  gemma_mtp:probes_deferred_total           times due probes were put off to keep probes within 2% of the
+                                            step time (policy.PolicyConfig.probe_budget)
   gemma_mtp:verify_cost_seconds{term}       the cost model's verify step: fixed, per_token, spec_step
   gemma_mtp:draft_cost_seconds{term}        its draft round: fixed, per_step, per_row_step
   gemma_mtp:step_seconds_estimate           predicted seconds of the latest step (verify + draft round)
@@ -46,6 +48,7 @@ class StepCounters:
     skipped_rounds: int = 0
     plain_steps: int = 0
     probes: int = 0
+    probes_deferred: int = 0
     costs: dict = field(default_factory=dict)
     sampler: dict = None  # the rejection sampler's counts since the last take (GemmaMTPRejectionSampler.take_delta)
 
@@ -71,9 +74,9 @@ class StepCounters:
             return None
         out = {"max_k": self.max_k, "adaptive": self.adaptive, "k_hist": list(self.k_hist), "steps": self.steps,
                "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps, "probes": self.probes,
-               "costs": dict(self.costs), "sampler": self.sampler}
+               "probes_deferred": self.probes_deferred, "costs": dict(self.costs), "sampler": self.sampler}
         self.k_hist = [0] * (self.max_k + 1)
-        self.steps = self.skipped_rounds = self.plain_steps = self.probes = 0
+        self.steps = self.skipped_rounds = self.plain_steps = self.probes = self.probes_deferred = 0
         self.sampler = None
         return out
 
@@ -95,8 +98,8 @@ def merge(a: dict | None, b: dict | None) -> dict | None:
     n = max(len(a["k_hist"]), len(b["k_hist"]))
     out["k_hist"] = [(a["k_hist"][i] if i < len(a["k_hist"]) else 0) + (b["k_hist"][i] if i < len(b["k_hist"]) else 0)
                      for i in range(n)]
-    for key in ("steps", "skipped_rounds", "plain_steps", "probes"):
-        out[key] = a[key] + b[key]
+    for key in ("steps", "skipped_rounds", "plain_steps", "probes", "probes_deferred"):
+        out[key] = a.get(key, 0) + b.get(key, 0)
     out["costs"] = b["costs"] or a["costs"]
     out["sampler"] = merge_sampler(a.get("sampler"), b.get("sampler"))
     return out
@@ -177,6 +180,8 @@ class _Metrics:
         self.plain = Counter(PREFIX + "plain_steps", "Steps the runner ran as plain decoding (no drafts to "
                              "verify)", labelnames=labels)
         self.probes = Counter(PREFIX + "probes", "1-token probes of requests at 0 drafts", labelnames=labels)
+        self.probes_deferred = Counter(PREFIX + "probes_deferred", "Times due probes were put off to stay "
+                                       "within the probe budget", labelnames=labels)
         self.verify = Gauge(PREFIX + "verify_cost_seconds", "Learned verify-step cost: fixed + per_token * "
                             "tokens + spec_step (when any request drafts)", labelnames=labels + ["term"], **gauge_kw)
         self.draft = Gauge(PREFIX + "draft_cost_seconds", "Learned draft-round cost: fixed + per_step * K + "
@@ -232,6 +237,7 @@ def make_stat_logger_class():
             self._l(m.skipped).inc(d["skipped_rounds"])
             self._l(m.plain).inc(d["plain_steps"])
             self._l(m.probes).inc(d["probes"])
+            self._l(m.probes_deferred).inc(d.get("probes_deferred", 0))
             self._l(m.adaptive).set(1.0 if d["adaptive"] else 0.0)
             c = d.get("costs") or {}
             if c:

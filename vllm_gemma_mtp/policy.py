@@ -29,7 +29,12 @@ right, or one that is right but costs more than it saves at this load - was not 
 can cost as much as a full one. Probes coalesce: when one request is due, every request past half its wait
 probes in the same step, since the round runs anyway (measured before, trained pair, greedy, batch 16 on
 this CPU, where no K beats plain decoding: the accepted probes kept resetting their waits and 99 of 430
-policy steps ran a draft round for a probe; adaptive 0.84x no speculation).
+policy steps ran a draft round for a probe; adaptive 0.84x no speculation). And probes have a budget: what
+they cost beyond the chosen step (predicted by the cost model) may be at most `probe_budget` of the plain
+step time, an allowance that accrues every step and is saved up for at most `probe_budget_horizon` steps.
+Due probes wait until it covers all of them, so one round carries them together. Under load on a CPU a
+coalesced probe costs 1-3 plain steps, and without the budget 12 probe steps in 516 cost ~5% (trained pair,
+batch 16-64); on a GPU a probe costs a few percent of a step and the budget never binds.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class PolicyConfig:
     # changes (same requests and caps, no new acceptance): only the plain-step cost moves, by one sample a step
     zero_recheck_every: int = 4
     min_samples: int = 8
+    # probes may cost at most this fraction of step time (None: no limit). A probe step runs a draft round the
+    # chooser did not want; under load on a CPU it costs 1-3 plain steps (trained pair, batch 16-64: 12 probe
+    # steps in 516 cost ~5%). The allowance accrues per step and is spent by probes' predicted extra cost,
+    # so where probes are cheap (a GPU below its compute bound) it never binds.
+    probe_budget: float | None = 0.02
+    probe_budget_horizon: int = 256  # steps of allowance that can be saved up
 
 
 class DecayedLeastSquares:
@@ -327,11 +338,30 @@ class DraftPolicy:
     held_zero: int = 0  # steps that reused the all-zero answer without running the chooser
     _zero_answer: tuple = None  # ((keys, caps, observations), step, rate) of the last all-zero choice
     _probe_due: int = 0  # the first step at which some request's probe is due (held steps stop there)
+    probe_allowance: float = None  # seconds of step time probes may still spend (probe_budget)
+    probes_deferred: int = 0  # times due probes were put off until the allowance covers them
 
     def __post_init__(self):
         self.acceptance = self.acceptance or AcceptanceStats(self.cfg)
         self.costs = self.costs or CostModel(self.cfg)
         self.chosen_hist = self.chosen_hist or [0] * (self.cfg.max_k + 1)
+
+    def _accrue(self, B: int) -> None:
+        b = self.cfg.probe_budget
+        if b is None:
+            return
+        inc = b * self.costs.predict_verify(B)  # a plain step's share: what probes are measured against
+        cap = inc * self.cfg.probe_budget_horizon
+        self.probe_allowance = min(cap if self.probe_allowance is None else self.probe_allowance + inc, cap)
+
+    def _step_cost(self, lengths: list, round_len: int | None) -> float:
+        n = sum(lengths)
+        t = self.costs.predict_verify(len(lengths) + n, n)
+        if n:
+            d0, d1, d2 = self.costs.draft_coef()
+            L = round_len or max(lengths)
+            t += max(d0 + d1 * L + d2 * (len(lengths) - lengths.count(0)) * L, 0.0)
+        return t
 
     def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
         K = self.cfg.max_k
@@ -339,6 +369,7 @@ class DraftPolicy:
                                                                                    for c in caps]
         calib = self.cfg.calibration_steps or 4 * (K + 1)
         self.steps += 1
+        deferred_until = None  # set when due probes wait for the allowance (probe_budget)
         if self.steps <= calib or not self.costs.ready():
             k = self.steps % (K + 1)  # every draft length, so both cost models see variety
             lengths, reason, rate = [min(k, c) for c in caps], "calibration", 0.0
@@ -351,6 +382,7 @@ class DraftPolicy:
         else:
             za, sig = self._zero_answer, (tuple(keys), tuple(caps), self.observations)
             held = za is not None and za[0] == sig and self.steps - za[1] < self.cfg.zero_recheck_every
+            self._accrue(len(keys))
             if held and self.steps < self._probe_due:
                 # nothing the chooser reads has changed and no probe is due: the step costs O(1) Python
                 # beyond building the answer (a zero-accept batch of 64 spends most steps here)
@@ -379,14 +411,37 @@ class DraftPolicy:
             # idle: steps at 0 drafts since the request last drafted
             zero = [i for i, key in enumerate(keys) if lengths[i] == 0 and caps[i] > 0]
             if any(s - 1 - self.last[keys[i]] >= self.wait.get(keys[i], base) for i in zero):
-                for i in zero:
+                # every request past half its wait, the most overdue first, as many as the allowance pays for
+                due = sorted((i for i in zero if 2 * (s - 1 - self.last[keys[i]]) >= self.wait.get(keys[i], base)),
+                             key=lambda i: -(s - 1 - self.last[keys[i]]) / self.wait.get(keys[i], base))
+                n = len(due)
+                if self.cfg.probe_budget is not None:
+                    # all of them in one round when the allowance covers it (the round's fixed cost is paid
+                    # once), else wait for it; only a probe dearer than the allowance can ever hold goes in part
+                    t0 = self._step_cost(lengths, round_len)
+                    extra = []  # [n]: what probing the first n + 1 costs beyond the chosen step
+                    trial = list(lengths)
+                    for i in due:
+                        trial[i] = 1
+                        extra.append(self._step_cost(trial, round_len) - t0)
+                    per_step = self.cfg.probe_budget * self.costs.predict_verify(len(keys))
+                    cap = per_step * self.cfg.probe_budget_horizon
+                    if extra[-1] > self.probe_allowance:
+                        n = (sum(1 for e in extra if e <= self.probe_allowance) if extra[-1] > cap
+                             and self.probe_allowance >= 0.99 * cap else 0)
+                    if n:
+                        self.probe_allowance -= extra[n - 1]
+                    else:
+                        short = min(extra[-1], cap) - self.probe_allowance
+                        deferred_until = s + 1 + (int(short / per_step) if per_step > 0 else 0)
+                        self.probes_deferred += 1
+                for i in due[:n]:
                     key = keys[i]
                     w = self.wait.get(key, base)
-                    if 2 * (s - 1 - self.last[key]) >= w:
-                        lengths[i] = 1
-                        reason = "probe"
-                        self.probes += 1
-                        self.wait[key] = min(2 * w, base * self.cfg.probe_backoff_max)
+                    lengths[i] = 1
+                    reason = "probe"
+                    self.probes += 1
+                    self.wait[key] = min(2 * w, base * self.cfg.probe_backoff_max)
         s = self.steps
         for key, k in zip(keys, lengths):
             if k > 0:
@@ -398,6 +453,8 @@ class DraftPolicy:
         base = self.cfg.probe_every
         self._probe_due = min((self.last[key] + 1 + self.wait.get(key, base)
                                for key, c in zip(keys, caps) if c > 0), default=math.inf)
+        if deferred_until is not None:
+            self._probe_due = max(self._probe_due, deferred_until)
         if not any(lengths):
             self.skipped_rounds += 1
             self.since_plain = 0

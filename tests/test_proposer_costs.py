@@ -1,0 +1,46 @@
+"""What the proposer feeds the cost model: decode steps are verify-cost samples, steps that carry prompt tokens
+are not (a prefill token costs several decode tokens, and fitted as decode tokens it made a plain step look
+~5 ms dearer than it was, so the chooser drafted full K where no K pays). No engine: the proposer's step
+bookkeeping runs on a bare instance."""
+
+from __future__ import annotations
+
+from vllm_gemma_mtp.metrics import StepCounters
+from vllm_gemma_mtp.policy import DraftPolicy, PolicyConfig
+
+
+def _bare_proposer(keys):
+    from vllm_gemma_mtp.proposer import GemmaMTPProposer, ProposerStats
+
+    p = object.__new__(GemmaMTPProposer)  # no runner, no model: only what _decide reads
+    p.policy = DraftPolicy(PolicyConfig(max_k=4))
+    p.stats, p.counters, p.tp_size = ProposerStats(), StepCounters(max_k=4, adaptive=True), 1
+    p._keys, p._cap_list, p._seeded = tuple(keys), [4] * len(keys), []
+    p._row = {r: i for i, r in enumerate(keys)}
+    p._pending, p._last_end, p._last_start, p._last_draft = {}, 0.0, 0.0, 0.0
+    return p
+
+
+def _step(p, keys, num_tokens, drafts, pending, seconds=0.01):
+    p._pending = dict(pending)
+    t0 = p._last_start + seconds
+    before = p.policy.costs.verify.count
+    p._decide(list(keys), [10] * len(keys), t0, num_tokens, 4, drafts)
+    p._last_start, p._last_draft = t0, 0.0
+    return p.policy.costs.verify.count - before
+
+
+def test_only_decode_steps_are_verify_cost_samples():
+    keys = ["a", "b", "c", "d"]
+    p = _bare_proposer(keys)
+    assert _step(p, keys, 4, 0, {}) == 1  # plain decode: one token per request
+    assert _step(p, keys, 4 + 37, 0, {}) == 0  # a request's prefill (or a chunk of it) rides along
+    # drafts of two requests verified: 4 + 3 + 2 tokens is a decode step
+    assert _step(p, keys, 4 + 3 + 2, 5, {"a": (9, 3), "b": (9, 2)}) == 1
+    # the same drafts beside 30 prompt tokens: not a decode step
+    assert _step(p, keys, 4 + 3 + 2 + 30, 35, {"a": (9, 3), "b": (9, 2)}) == 0
+    # drafts of a request that has left do not make room for prompt tokens
+    assert _step(p, keys, 4 + 3, 3, {"a": (9, 3), "gone": (5, 4)}) == 1
+    assert _step(p, keys, 4 + 3 + 4, 7, {"a": (9, 3), "gone": (5, 4)}) == 0
+    # the scheduler may verify fewer drafts than given (max_model_len): still a decode step
+    assert _step(p, keys, 4 + 1, 1, {"a": (9, 3)}) == 1
