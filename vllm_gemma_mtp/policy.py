@@ -411,7 +411,7 @@ class DraftPolicy:
             # idle: steps at 0 drafts since the request last drafted
             zero = [i for i, key in enumerate(keys) if lengths[i] == 0 and caps[i] > 0]
             if any(s - 1 - self.last[keys[i]] >= self.wait.get(keys[i], base) for i in zero):
-                # every request past half its wait, the most overdue first, as many as the allowance pays for
+                # every request past half its wait, the most overdue first
                 due = sorted((i for i in zero if 2 * (s - 1 - self.last[keys[i]]) >= self.wait.get(keys[i], base)),
                              key=lambda i: -(s - 1 - self.last[keys[i]]) / self.wait.get(keys[i], base))
                 n = len(due)
