@@ -142,6 +142,17 @@ class CostModel:
         d0, d1, d2 = self.draft.coef
         return d0, d1, max(d2, 0.0)
 
+    def predict_step(self, lengths: list, round_len: int | None = None) -> float:
+        """Seconds of a step whose requests draft `lengths` [B]: verify plus the draft round (a compiled round
+        always runs round_len steps)."""
+        n = sum(lengths)
+        t = self.predict_verify(len(lengths) + n, n)
+        if n:
+            d0, d1, d2 = self.draft_coef()
+            L = round_len or max(lengths)
+            t += max(d0 + d1 * L + d2 * (len(lengths) - lengths.count(0)) * L, 0.0)
+        return t
+
     def snapshot(self) -> dict:
         v0, v1, v2 = self.verify_coef()
         return {"verify_s_per_step": v0, "verify_s_per_token": v1, "verify_s_spec_overhead": v2,
@@ -354,15 +365,6 @@ class DraftPolicy:
         cap = inc * self.cfg.probe_budget_horizon
         self.probe_allowance = min(cap if self.probe_allowance is None else self.probe_allowance + inc, cap)
 
-    def _step_cost(self, lengths: list, round_len: int | None) -> float:
-        n = sum(lengths)
-        t = self.costs.predict_verify(len(lengths) + n, n)
-        if n:
-            d0, d1, d2 = self.costs.draft_coef()
-            L = round_len or max(lengths)
-            t += max(d0 + d1 * L + d2 * (len(lengths) - lengths.count(0)) * L, 0.0)
-        return t
-
     def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
         K = self.cfg.max_k
         caps = list(caps) if not caps or (min(caps) >= 0 and max(caps) <= K) else [max(0, min(int(c), K))
@@ -418,12 +420,12 @@ class DraftPolicy:
                 if self.cfg.probe_budget is not None:
                     # all of them in one round when the allowance covers it (the round's fixed cost is paid
                     # once), else wait for it; only a probe dearer than the allowance can ever hold goes in part
-                    t0 = self._step_cost(lengths, round_len)
+                    t0 = self.costs.predict_step(lengths, round_len)
                     extra = []  # [n]: what probing the first n + 1 costs beyond the chosen step
                     trial = list(lengths)
                     for i in due:
                         trial[i] = 1
-                        extra.append(self._step_cost(trial, round_len) - t0)
+                        extra.append(self.costs.predict_step(trial, round_len) - t0)
                     per_step = self.cfg.probe_budget * self.costs.predict_verify(len(keys))
                     cap = per_step * self.cfg.probe_budget_horizon
                     if extra[-1] > self.probe_allowance:

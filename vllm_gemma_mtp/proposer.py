@@ -370,13 +370,8 @@ class GemmaMTPProposer(_Base):
         self.counters.probes += pol.probes - probes_before
         self.counters.probes_deferred += pol.probes_deferred - deferred_before
         if pol.costs.ready():
-            n = sum(dec.lengths)
-            c, rows = max(dec.lengths, default=0), len(dec.lengths) - dec.lengths.count(0)
-            L = k if self.stats.compiled else c
-            d0, d1, d2 = pol.costs.draft_coef()
-            est = pol.costs.predict_verify(len(req_ids) + n, n) + (max(d0 + d1 * L + d2 * rows * L, 0.0)
-                                                                   if n else 0.0)
-            self.counters.costs = {"verify": list(pol.costs.verify_coef()), "draft": [d0, d1, d2],
+            est = pol.costs.predict_step(dec.lengths, k if self.stats.compiled else None)
+            self.counters.costs = {"verify": list(pol.costs.verify_coef()), "draft": list(pol.costs.draft_coef()),
                                    "step_estimate": est}
         return dec.lengths
 
