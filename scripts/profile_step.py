@@ -127,6 +127,9 @@ def main():
     ap.add_argument("--in-process", action="store_true",
                     help="run the engine core in this process (as the bench does not: it runs it in its own)")
     args = ap.parse_args()
+    if args.schedule is not None and args.mode != "adaptive":
+        # the schedule replaces the plugin's policy, which only the adaptive mode has (it crashed the worker)
+        ap.error(f"--schedule needs --mode adaptive (got --mode {args.mode})")
 
     if args.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
