@@ -84,8 +84,8 @@ def plot(rows, path: Path) -> None:
     pairs = sorted({r["pair"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(pairs), len(batches), figsize=(4 * len(batches), 3.2 * len(pairs)), squeeze=False)
-    colors = {"none": "#999999", "builtin": "#4477aa", "plugin": "#ee6677", "adaptive": "#228833"}
-    modes = [m for m in ("none", "builtin", "plugin", "adaptive") if any(r["mode"] == m for r in rows)]
+    colors = {"none": "#999999", "control": "#cccccc", "builtin": "#4477aa", "plugin": "#ee6677", "adaptive": "#228833"}
+    modes = [m for m in ("none", "control", "builtin", "plugin", "adaptive") if any(r["mode"] == m for r in rows)]
     for i, pair in enumerate(pairs):
         for j, b in enumerate(batches):
             ax = axes[i][j]
@@ -95,7 +95,7 @@ def plot(rows, path: Path) -> None:
                 ys = [next((r["tokens_per_s"] for r in rows if r["pair"] == pair and r["batch"] == b
                             and r["mode"] == m and r["rounds_of_k"] == k), 0) for k in ks]
                 ax.bar([x + off for x in range(len(ks))], ys, w,
-                       label={"none": "no spec", "plugin": "plugin fixed K"}.get(m, m),
+                       label={"none": "no spec", "control": "no spec, 2nd engine", "plugin": "plugin fixed K"}.get(m, m),
                        color=colors[m])
             ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
             ax.set_title(f"{pair}, batch {b}")
@@ -114,7 +114,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=48, help="prompt length in tokens (about)")
-    ap.add_argument("--modes", default="builtin,plugin,adaptive", help="speculative modes beside no speculation")
+    ap.add_argument("--modes", default="builtin,plugin,adaptive",
+                    help="modes beside no speculation: builtin, plugin (fixed K), adaptive, and control (a second "
+                         "engine without speculation, timed in the same rounds: control/none is the noise floor)")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="TP ranks per engine (CPU: one core per rank via VLLM_CPU_OMP_THREADS_BIND)")
@@ -150,7 +152,8 @@ def main():
 
         def start(mode, k):
             bar.set_postfix_str(f"{pair} {mode} K={k}: starting engine")
-            return start_engine(str(d / "target"), str(d / "assistant"), mode, max(k, 1), max_num_seqs=max(batches),
+            return start_engine(str(d / "target"), str(d / "assistant"), "none" if mode == "control" else mode,
+                                max(k, 1), max_num_seqs=max(batches),
                                 max_model_len=mml, tensor_parallel_size=tp)
 
         # the no-speculation engine stays up for the pair; built-in and plugin engines per K; all three are
@@ -184,7 +187,7 @@ def main():
         return next((r for r in rows if r["pair"] == pair and r["mode"] == mode and r["rounds_of_k"] == k
                      and r["batch"] == b), None)
 
-    label = {"builtin": "built-in", "plugin": "plugin fixed K", "adaptive": "adaptive"}
+    label = {"builtin": "built-in", "plugin": "plugin fixed K", "adaptive": "adaptive", "control": "control (no spec)"}
     cols = ["pair", "K", "batch", "prompt tok", "none tok/s"] + [f"{label[m]} tok/s" for m in spec_modes]
     cols += [f"{label[m]}/none" for m in spec_modes]
     if "plugin" in spec_modes and "builtin" in spec_modes:

@@ -3,6 +3,9 @@
     python scripts/profile_step.py --pair allaccept --mode plugin --k 4 --batch 1
     python scripts/profile_step.py --pair trained --mode adaptive --schedule 0 --batch 16 --in-process
         (every step at 0 drafts: compare the engine step with --mode none)
+    python scripts/profile_step.py --pair zeroaccept --mode adaptive --batch 1 [--no-held-shortcut]
+        (the policy holds every request at 0: what answering those steps before vLLM's propose path saves)
+    python scripts/profile_step.py --pair trained --mode none --batch 1 --prompt-tokens 2000
 
 Prints, per stage, calls and mean milliseconds per engine step (the stages nest: execute_model holds the
 target forward, sample_tokens holds the sampler and the draft round). Settings match scripts/bench.py.
@@ -92,6 +95,15 @@ def _script_remote(worker, schedule):
     d.policy = ScriptedPolicy(PolicyConfig(max_k=d.policy.cfg.max_k), schedule)
 
 
+def _no_shortcut_remote(worker):
+    d = worker.model_runner.drafter
+    d.held_zero_drafts = lambda *a, **kw: None
+
+
+def _held_fast_remote(worker):
+    return getattr(getattr(worker.model_runner.drafter, "stats", None), "held_fast", None)
+
+
 def _cprofile_remote(worker, path):
     import cProfile
 
@@ -121,7 +133,11 @@ def main():
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=48, help="trained pair: prompt length in tokens (about)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-held-shortcut", action="store_true",
+                    help="adaptive mode: send steps held at 0 drafts through vLLM's propose path too "
+                         "(what compat.patch_held_zero_steps saves)")
     ap.add_argument("--cprofile", action="store_true", help="also print the top functions by own time")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: max(16, batch)")
     ap.add_argument("--in-process", action="store_true",
@@ -146,17 +162,20 @@ def main():
 
     d = TRAINED if args.pair == "trained" else ensure_pair(args.pair)
     tok = AutoTokenizer.from_pretrained(d / "target")
-    prompts = (code_prompts(tok, args.batch, tok.bos_token_id or 2) if args.pair == "trained"
+    prompts = (code_prompts(tok, args.batch, tok.bos_token_id or 2, args.prompt_tokens) if args.pair == "trained"
                else [[2] + [(13 * i + j) % 400 + 5 for j in range(8 + i)] for i in range(args.batch)])
+    mml = max(1024, max(len(p) for p in prompts) + args.max_tokens + 16)
     if args.in_process:
         instrument()
     llm = start_engine(str(d / "target"), str(d / "assistant"), args.mode, max(args.k, 1),
-                       max_num_seqs=args.max_num_seqs or max(16, args.batch))
+                       max_num_seqs=args.max_num_seqs or max(16, args.batch), max_model_len=mml)
     if not args.in_process:
         llm.collective_rpc(_install_remote)
     if args.schedule is not None:
         sched = [int(x) for x in args.schedule.split(",")]
         llm.collective_rpc(_script_remote, args=(sched,))
+    if args.no_held_shortcut:
+        llm.collective_rpc(_no_shortcut_remote)
     timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1)
     if args.in_process:
         TIMES.clear()
@@ -186,6 +205,8 @@ def main():
     steps = len(TIMES["engine step"]) or len(TIMES.get("  runner.execute_model", ())) or 1
     print(f"\n{args.pair} {args.mode} K={args.k} batch={args.batch}: {r.tokens_per_s:.1f} tok/s, "
           f"MAL {r.mean_acceptance_length}, {steps} engine steps")
+    if args.mode == "adaptive":
+        print(f"steps answered by the held-zero shortcut (engine lifetime): {llm.collective_rpc(_held_fast_remote)[0]}")
     print(f"{'stage':48s} {'calls':>7s} {'ms/step':>9s}")
     for name, ts in TIMES.items():
         print(f"{name:48s} {len(ts):7d} {1e3 * sum(ts) / steps:9.3f}")

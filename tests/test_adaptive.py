@@ -200,6 +200,9 @@ def test_zero_accept_pair_skips_draft_rounds(pair):
     assert st["skipped_rounds"] > 0.6 * st["steps"], st
     # every step after a skipped round ran as plain decoding (no speculative metadata, plain sampler)
     assert st["plain_steps"] >= st["skipped_rounds"] - 1, st
+    # most held steps were answered before vLLM's propose path ran (compat.patch_held_zero_steps): all but the
+    # ones where the held answer is rechecked (every zero_recheck_every steps) or a probe is due
+    assert st["held_fast"] > 0.5 * st["skipped_rounds"], st
     assert st["decisions"].get("probe", 0) > 0
     # rejected probes back off: far fewer than one per request every 16 steps
     assert 0 < st["policy"]["probes"] < 16 * 256 / 16 / 2, st["policy"]

@@ -441,3 +441,41 @@ def test_held_steps_probe_exactly_when_full_decisions_would(B):
     (full, held_full, probes_full), (fast, held_fast, probes_fast) = runs
     assert held_full == 0 and held_fast > 0.5 * len(fast)
     assert fast == full and probes_fast == probes_full > 0
+
+
+def _dip(cfg, accept_until=40, steps=120):
+    """A request whose drafts pay until step `accept_until`, then are never accepted. Returns (the last step
+    the chooser drafted for it, the probe steps after it)."""
+    pol = DraftPolicy(cfg)
+    pol.steps = 10_000
+    _teach_costs(pol, verify5=0.014, draft_s=0.001)  # 1 ms a verified token, 1 ms a draft step
+    pol.acceptance.engine = type(pol.acceptance.engine)([1000.0] * 4, [1000.0] * 4)
+    last_chooser, probes = None, []
+    for step in range(steps):
+        d = pol.decide(["a"], [4])
+        k = d.lengths[0]
+        if d.reason == "probe":
+            probes.append(step)
+        elif k:
+            last_chooser = step
+        if k:
+            pol.observe("a", k, k if step < accept_until else 0)
+    return last_chooser, probes
+
+
+def test_a_request_that_drafted_and_dipped_is_probed_soon():
+    """Long prompts at batch 1 (README): a request whose drafts paid drops to 0 when a few are rejected in a
+    row, and a 16-step wait kept it there long after its text was predictable again. A request the chooser
+    drafted for in resume_after steps is probed resume_wait steps after it stops, then the usual doubling;
+    one the chooser never drafted for still waits probe_every."""
+    base = dict(max_k=4, probe_every=16, prior_weight=0.5, probe_budget=None)
+    last, probes = _dip(PolicyConfig(**base))  # resume_after 8, resume_wait 2
+    assert 40 <= last < 50, last
+    assert probes[0] == last + 3, (last, probes)  # 2 steps at 0, then a probe
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[:3] == [5, 9, 17], gaps  # each probe that does not bring it back doubles the wait
+    last_old, probes_old = _dip(PolicyConfig(**base, resume_wait=None))
+    assert last_old == last and probes_old[0] == last + 17, (last_old, probes_old)
+    # drafted for in fewer than resume_after steps: probe_every
+    last_short, probes_short = _dip(PolicyConfig(**base, resume_after=20), accept_until=3)
+    assert last_short is not None and last_short < 20 and probes_short[0] == last_short + 17, (last_short, probes_short)

@@ -5,6 +5,8 @@ bookkeeping runs on a bare instance."""
 
 from __future__ import annotations
 
+import time
+
 from vllm_gemma_mtp.metrics import StepCounters
 from vllm_gemma_mtp.policy import DraftPolicy, PolicyConfig
 
@@ -44,3 +46,50 @@ def test_only_decode_steps_are_verify_cost_samples():
     assert _step(p, keys, 4 + 3 + 4, 7, {"a": (9, 3), "gone": (5, 4)}) == 0
     # the scheduler may verify fewer drafts than given (max_model_len): still a decode step
     assert _step(p, keys, 4 + 1, 1, {"a": (9, 3)}) == 1
+
+
+class _Batch:
+    def __init__(self, ids):
+        self.req_ids = list(ids)
+
+
+class _Runner:
+    def __init__(self, ids):
+        self.input_batch = _Batch(ids)
+
+
+def test_held_zero_steps_are_answered_early_and_counted_as_any_step():
+    """A step the policy holds at 0 for everyone is answered before vLLM's propose path
+    (held_zero_drafts), with the same bookkeeping as the full path: a step, a skipped round, a timing
+    sample, the policy's decision. Anything the held answer depends on changing sends the step the full way."""
+    keys = ["a", "b", "c", "d"]
+    p = _bare_proposer(keys)
+    p.num_speculative_tokens = 4
+    pol = p.policy
+    for _ in range(40):  # past calibration, costs learned: drafting never pays (nothing is ever accepted)
+        pol.costs.observe_verify(4, 0.01)
+        pol.costs.observe_verify(20, 0.05, 16)
+        pol.costs.observe_draft(4, 4, 0.02)
+    pol.acceptance.engine = type(pol.acceptance.engine)([0.0] * 4, [1000.0] * 4)
+    pol.steps = 100
+    runner = _Runner(keys)
+    assert p.held_zero_drafts(runner, 4) is None  # no all-zero answer yet: the chooser must run
+    assert _step(p, keys, 4, 0, {}) == 1 and p._pending == {}  # it chooses 0 for everyone
+    fast = 0
+    for i in range(12):
+        steps, skipped, samples = p.stats.steps, p.stats.skipped_rounds, pol.costs.verify.count
+        p._last_start = time.perf_counter() - 0.01  # the previous step began 10 ms ago
+        out = p.held_zero_drafts(runner, 4)
+        if out is None:
+            p._last_start = 0.0
+            _step(p, keys, 4, 0, {})
+            continue
+        fast += 1
+        assert out == [[], [], [], []]
+        assert (p.stats.steps, p.stats.skipped_rounds, pol.costs.verify.count) == (steps + 1, skipped + 1, samples + 1)
+    assert fast >= 6, fast  # most steps; every zero_recheck_every-th one is rechecked by the chooser
+    assert p.stats.held_fast == fast and pol.held_zero >= fast
+    assert p.held_zero_drafts(_Runner(keys + ["e"]), 5) is None  # a new request: the full path
+    assert p.held_zero_drafts(_Runner(keys[::-1]), 4) is None  # the batch reordered
+    p._pending = {"a": (9, 1)}
+    assert p.held_zero_drafts(runner, 4) is None  # someone drafted last step: acceptance to learn

@@ -184,6 +184,7 @@ def _install_runner_hooks(_runner_module) -> None:
     compat.install_proposer(GemmaMTPProposer)
     compat.install_rejection_sampler(GemmaMTPRejectionSampler)
     compat.patch_plain_steps()
+    compat.patch_held_zero_steps()
     if compat.platform_is_cpu():  # before the metrics wrap, which must stay outermost (it marks the chain)
         compat.patch_cpu_seeded_chunked_prefill()
     compat.patch_runner_metrics()

@@ -26,8 +26,10 @@ cost of a plain step, which every choice is measured against, stays measured. A 
 drops. Each probe doubles that request's wait (up to `probe_backoff_max` times) and only the chooser itself
 drafting for the request resets it: a probe whose request stays at 0 afterwards - a drafter that is never
 right, or one that is right but costs more than it saves at this load - was not worth its draft round, which
-can cost as much as a full one. Probes coalesce: when one request is due, every request past half its wait
-probes in the same step, since the round runs anyway (measured before, trained pair, greedy, batch 16 on
+can cost as much as a full one. A request the chooser drafted for in `resume_after` steps or more is probed
+`resume_wait` steps after it stops instead (then the same doubling): its drafts paid, and a few rejections
+in a row kept it at 0 for 16 steps at a time (long prompts, batch 1). Probes coalesce: when one request is
+due, every request past half its wait probes in the same step, since the round runs anyway (measured before, trained pair, greedy, batch 16 on
 this CPU, where no K beats plain decoding: the accepted probes kept resetting their waits and 99 of 430
 policy steps ran a draft round for a probe; adaptive 0.84x no speculation). And probes have a budget: what
 they cost beyond the chosen step (predicted by the cost model) may be at most `probe_budget` of the plain
@@ -52,6 +54,11 @@ class PolicyConfig:
     cost_decay: float = 0.99  # per timing sample
     probe_every: int = 16  # steps at 0 drafts before a 1-token probe
     probe_backoff_max: int = 16  # each probe doubles the request's wait, up to this many probe_every
+    # a request the chooser has drafted for in at least `resume_after` steps is probed `resume_wait` steps after
+    # it drops to 0 (then the usual doubling): its drafts paid before, so a dip in its acceptance is checked
+    # soon instead of after probe_every steps (None: every request waits probe_every)
+    resume_after: int = 8
+    resume_wait: int | None = 2
     explore_every: int = 32  # steps with drafts before one step without, so the plain step's cost stays known
     # no request that may draft is expected to get its tokens slower than (1 - this) x plain decoding; None:
     # the batch's rate alone decides (see choose_draft_lengths)
@@ -340,6 +347,7 @@ class DraftPolicy:
     steps: int = 0
     last: dict = field(default_factory=dict)  # request -> the step it last drafted in (first seen: the step before)
     wait: dict = field(default_factory=dict)  # request -> steps at 0 before its next probe (backoff)
+    drafted: dict = field(default_factory=dict)  # request -> steps the chooser (not a probe) drafted for it
     probes: int = 0  # request-steps that were probes
     since_plain: int = 0  # steps since the last step in which nobody drafted
     explored: int = 0  # steps forced to 0 drafts to re-measure a plain step
@@ -404,9 +412,14 @@ class DraftPolicy:
                 self._zero_answer = None if any(lengths) else (sig, self.steps, rate)
             reason = "policy"
             base = self.cfg.probe_every
+            rw = self.cfg.resume_wait
             for i, key in enumerate(keys):
-                if lengths[i] > 0:
-                    self.wait.pop(key, None)  # the chooser drafts for it: probes start over when it stops
+                if lengths[i] > 0:  # the chooser drafts for it: probes start over when it stops
+                    n = self.drafted[key] = self.drafted.get(key, 0) + 1
+                    if rw is not None and n >= self.cfg.resume_after:
+                        self.wait[key] = min(rw, base)
+                    else:
+                        self.wait.pop(key, None)
             s = self.steps
             for key in keys:
                 self.last.setdefault(key, s - 1)
@@ -464,6 +477,21 @@ class DraftPolicy:
             self.since_plain += 1
         return StepDecision(lengths, reason, rate)
 
+    def holds_zero(self, keys: list, caps: list[int]) -> bool:
+        """Whether the next decide() for these requests will reuse the held all-zero answer (every request at 0,
+        nothing it reads changed, no probe due), so a caller may skip preparing anything else for the step."""
+        za = self._zero_answer
+        if za is None:
+            return False
+        K, s = self.cfg.max_k, self.steps + 1
+        calib = self.cfg.calibration_steps or 4 * (K + 1)
+        if (s <= calib or self.since_plain >= self.cfg.explore_every or s >= self._probe_due
+                or s - za[1] >= self.cfg.zero_recheck_every or not self.costs.ready()):
+            return False
+        caps = tuple(caps) if not caps or (min(caps) >= 0 and max(caps) <= K) else tuple(
+            max(0, min(int(c), K)) for c in caps)
+        return za[0] == (tuple(keys), caps, self.observations)
+
     def observe(self, key, drafted: int, accepted: int) -> None:
         """What the request's last drafts showed: `accepted` of `drafted` were accepted."""
         self.acceptance.observe(key, drafted, accepted)
@@ -476,6 +504,7 @@ class DraftPolicy:
         for k in keys:
             self.last.pop(k, None)
             self.wait.pop(k, None)
+            self.drafted.pop(k, None)
 
 
 class ScriptedPolicy(DraftPolicy):

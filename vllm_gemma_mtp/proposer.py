@@ -54,6 +54,7 @@ class ProposerStats:
     steps: int = 0  # propose calls
     skipped_rounds: int = 0  # steps where no request drafted (no draft round ran)
     plain_steps: int = 0  # steps the runner ran as plain decoding (no request carried drafts)
+    held_fast: int = 0  # of the skipped rounds, steps answered before vLLM's propose path (held_zero_drafts)
     decisions: dict = field(default_factory=dict)  # policy reason -> steps
     source: object = None  # the DraftPolicy, read when asked (not rebuilt every step)
 
@@ -71,6 +72,7 @@ class ProposerStats:
                 "propose_seconds": self.propose_seconds, "recent": list(self.recent), "compiled": self.compiled,
                 "paged": self.paged,
                 "steps": self.steps, "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps,
+                "held_fast": self.held_fast,
                 "decisions": dict(self.decisions), "policy": self.policy}
 
 
@@ -323,8 +325,39 @@ class GemmaMTPProposer(_Base):
             return drafts
         return self._ragged(drafts, lengths, B, k, rows)
 
-    def _decide(self, req_ids, P_host, t0, num_tokens, k, drafts) -> list[int]:
-        """Learn from what the previous step showed, then choose this step's draft lengths."""
+    def held_zero_drafts(self, runner, num_tokens: int) -> list | None:
+        """This step's drafts, all empty, when the policy holds every request at 0 and nothing it reads has
+        changed since it chose so (the same requests and caps, no acceptance to learn: nobody drafted last
+        step); None otherwise, and the full propose path runs. compat.patch_held_zero_steps calls it in place
+        of vLLM's propose_draft_token_ids, whose input preparation and this proposer's (the positions, the
+        host copy) were ~0.1 ms of a plain 3-4 ms step at batch 1 on CPU. The step is counted and timed as
+        any other."""
+        pol = self.policy
+        if pol is None or self._pending or self._seeded or self.tp_size > 1:
+            return None
+        keys = self._keys
+        ids = runner.input_batch.req_ids
+        if len(ids) != len(keys) or tuple(ids) != keys or not pol.holds_zero(keys, self._cap_list):
+            return None
+        t0 = time.perf_counter()
+        st = self.stats
+        st.steps += 1
+        self._last_draft_probs = None
+        self._deferred = None
+        req_ids = list(keys)
+        self._observe_step(req_ids, t0, num_tokens, 0)
+        dec = pol.decide(req_ids, self._cap_list)
+        st.decisions[dec.reason] = st.decisions.get(dec.reason, 0) + 1
+        st.held_fast += 1
+        self._report_costs(dec.lengths, self.num_speculative_tokens)
+        self.counters.record(dec.lengths)
+        st.skipped_rounds += 1
+        self._last_start, self._last_draft = t0, 0.0
+        self._last_end = time.perf_counter()
+        return [[] for _ in req_ids]
+
+    def _observe_step(self, req_ids, t0, num_tokens, drafts) -> None:
+        """The previous step's time as a verify-cost sample (decode steps only)."""
         pol = self.policy
         if self._last_end is not None:
             # everything of the step but the draft round: scheduling, verify forward, sampling, and this
@@ -345,6 +378,11 @@ class GemmaMTPProposer(_Base):
                 ok = dt < 10 * pol.costs.predict_verify(num_tokens, drafts) + 0.05
             if ok:
                 pol.costs.observe_verify(num_tokens, dt, drafts)
+
+    def _decide(self, req_ids, P_host, t0, num_tokens, k, drafts) -> list[int]:
+        """Learn from what the previous step showed, then choose this step's draft lengths."""
+        pol = self.policy
+        self._observe_step(req_ids, t0, num_tokens, drafts)
         keys = tuple(req_ids)
         if keys != self._keys:
             self._batch_changed(keys, k)
@@ -369,11 +407,15 @@ class GemmaMTPProposer(_Base):
                          if any(dec.lengths) else {})
         self.counters.probes += pol.probes - probes_before
         self.counters.probes_deferred += pol.probes_deferred - deferred_before
+        self._report_costs(dec.lengths, k)
+        return dec.lengths
+
+    def _report_costs(self, lengths, k) -> None:
+        pol = self.policy
         if pol.costs.ready():
-            est = pol.costs.predict_step(dec.lengths, k if self.stats.compiled else None)
+            est = pol.costs.predict_step(lengths, k if self.stats.compiled else None)
             self.counters.costs = {"verify": list(pol.costs.verify_coef()), "draft": list(pol.costs.draft_coef()),
                                    "step_estimate": est}
-        return dec.lengths
 
     def _batch_changed(self, keys: tuple, k: int) -> None:
         """New requests get their caps; requests no longer running are forgotten."""
