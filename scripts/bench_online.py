@@ -21,6 +21,7 @@ log files in --out unless --verbose.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -38,8 +39,9 @@ from engine_runs import free_port, server_metrics, stop_server, wait_for_server 
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
-MODES = ("none", "fixed", "adaptive")
-LABEL = {"none": "no speculation", "fixed": "plugin fixed K", "adaptive": "plugin adaptive"}
+MODES = ("none", "fixed", "adaptive", "control")  # control: a second server without speculation (the noise floor)
+LABEL = {"none": "no speculation", "fixed": "plugin fixed K", "adaptive": "plugin adaptive",
+         "control": "no speculation, 2nd server"}
 
 
 def start_server(mode: str, k: int, max_len: int, max_seqs: int, log: Path | None):
@@ -49,7 +51,7 @@ def start_server(mode: str, k: int, max_len: int, max_seqs: int, log: Path | Non
            "--max-model-len", str(max_len), "--enforce-eager", "--max-num-seqs", str(max_seqs), "--seed", "0",
            "--kv-cache-memory-bytes", str(256 << 20)]  # fixed, so three servers fit beside each other
     env = dict(os.environ)
-    if mode != "none":
+    if mode not in ("none", "control"):
         cmd += ["--speculative-config", json.dumps({"method": "mtp", "model": str(PAIR / "assistant"),
                                                     "num_speculative_tokens": k})]
         env["VLLM_GEMMA_MTP_ADAPTIVE"] = "1" if mode == "adaptive" else "0"
@@ -79,7 +81,11 @@ def serve_bench(port: int, dataset: Path, n: int, concurrency: int, max_tokens: 
         res = main(args)
     keep = ("completed", "failed", "duration", "total_output_tokens", "output_throughput", "median_tpot_ms",
             "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_ttft_ms", "p99_ttft_ms")
-    return {key: res.get(key) for key in keep}
+    out = {key: res.get(key) for key in keep}
+    # why requests failed: the last line of each client-side error (traceback or HTTP reason), counted
+    errors = collections.Counter((str(e).strip().splitlines() or ["?"])[-1][:300] for e in res.get("errors") or [] if e)
+    out["errors"] = dict(errors)
+    return out
 
 
 def _plain(o):
@@ -125,7 +131,9 @@ def plot(summary: list[dict], concs: list[int], modes: list[str], path: Path) ->
 def main_(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default="none,fixed,adaptive",
+                    help="of " + ",".join(MODES) + " (control: a second server without speculation, timed in the same "
+                         "rounds, shows what two identical servers differ by)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -242,6 +250,9 @@ def main_(argv=None) -> int:
                 + " |")
         lines += ratio
     lines += ["", f"failed requests: {failed}; goals: {goals}; wall {meta['wall_s']} s"]
+    for r in rows:
+        if r.get("errors"):
+            lines.append(f"failed in {r['mode']}, concurrency {r['concurrency']}, round {r['round']}: {r['errors']}")
     (out / "bench_online.md").write_text("\n".join(lines) + "\n")
     try:
         plot(summary, concs, modes, out / "bench_online.png")
