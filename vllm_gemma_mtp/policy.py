@@ -29,9 +29,10 @@ right, or one that is right but costs more than it saves at this load - was not 
 can cost as much as a full one. A request the chooser drafted for in `resume_after` steps or more is probed
 `resume_wait` steps after it stops instead (then the same doubling): its drafts paid, and a few rejections
 in a row kept it at 0 for 16 steps at a time (long prompts, batch 1). Probes coalesce: when one request is
-due, every request past half its wait probes in the same step, since the round runs anyway (measured before, trained pair, greedy, batch 16 on
-this CPU, where no K beats plain decoding: the accepted probes kept resetting their waits and 99 of 430
-policy steps ran a draft round for a probe; adaptive 0.84x no speculation). And probes have a budget: what
+due, every request past half its wait probes in the same step, since the round runs anyway (measured before,
+trained pair, greedy, batch 16 on this CPU, where no K beats plain decoding: the accepted probes kept
+resetting their waits and 99 of 430 policy steps ran a draft round for a probe; adaptive 0.84x no
+speculation). And probes have a budget: what
 they cost beyond the chosen step (predicted by the cost model) may be at most `probe_budget` of the plain
 step time, an allowance that accrues every step and is saved up for at most `probe_budget_horizon` steps.
 Due probes wait until it covers all of them, so one round carries them together. Under load on a CPU a
@@ -373,17 +374,35 @@ class DraftPolicy:
         cap = inc * self.cfg.probe_budget_horizon
         self.probe_allowance = min(cap if self.probe_allowance is None else self.probe_allowance + inc, cap)
 
+    def _clip_caps(self, caps) -> list[int]:
+        K = self.cfg.max_k
+        return list(caps) if not caps or (min(caps) >= 0 and max(caps) <= K) else [max(0, min(int(c), K))
+                                                                                    for c in caps]
+
+    def _phase(self, s: int) -> str:
+        """What step `s` is: "calibration", "explore" or "policy" (the chooser's)."""
+        K = self.cfg.max_k
+        if s <= (self.cfg.calibration_steps or 4 * (K + 1)) or not self.costs.ready():
+            return "calibration"
+        return "explore" if self.since_plain >= self.cfg.explore_every else "policy"
+
+    def _held_answer(self, keys, caps: list[int], s: int) -> bool:
+        """The last all-zero choice still stands at step `s`: same requests and caps, no new acceptance, and
+        fewer than zero_recheck_every steps old."""
+        za = self._zero_answer
+        return (za is not None and s - za[1] < self.cfg.zero_recheck_every
+                and za[0] == (tuple(keys), tuple(caps), self.observations))
+
     def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
         K = self.cfg.max_k
-        caps = list(caps) if not caps or (min(caps) >= 0 and max(caps) <= K) else [max(0, min(int(c), K))
-                                                                                   for c in caps]
-        calib = self.cfg.calibration_steps or 4 * (K + 1)
+        caps = self._clip_caps(caps)
         self.steps += 1
         deferred_until = None  # set when due probes wait for the allowance (probe_budget)
-        if self.steps <= calib or not self.costs.ready():
+        phase = self._phase(self.steps)
+        if phase == "calibration":
             k = self.steps % (K + 1)  # every draft length, so both cost models see variety
             lengths, reason, rate = [min(k, c) for c in caps], "calibration", 0.0
-        elif self.since_plain >= self.cfg.explore_every:
+        elif phase == "explore":
             # A policy that always drafts stops seeing what a plain step costs, and its estimate of that
             # drifts with the other terms (they are fitted together): one plain step now and then keeps the
             # comparison the chooser makes honest. Costs at most 1/explore_every of the drafting gain.
@@ -391,7 +410,7 @@ class DraftPolicy:
             self.explored += 1
         else:
             za, sig = self._zero_answer, (tuple(keys), tuple(caps), self.observations)
-            held = za is not None and za[0] == sig and self.steps - za[1] < self.cfg.zero_recheck_every
+            held = self._held_answer(keys, caps, self.steps)
             self._accrue(len(keys))
             if held and self.steps < self._probe_due:
                 # nothing the chooser reads has changed and no probe is due: the step costs O(1) Python
@@ -480,17 +499,9 @@ class DraftPolicy:
     def holds_zero(self, keys: list, caps: list[int]) -> bool:
         """Whether the next decide() for these requests will reuse the held all-zero answer (every request at 0,
         nothing it reads changed, no probe due), so a caller may skip preparing anything else for the step."""
-        za = self._zero_answer
-        if za is None:
-            return False
-        K, s = self.cfg.max_k, self.steps + 1
-        calib = self.cfg.calibration_steps or 4 * (K + 1)
-        if (s <= calib or self.since_plain >= self.cfg.explore_every or s >= self._probe_due
-                or s - za[1] >= self.cfg.zero_recheck_every or not self.costs.ready()):
-            return False
-        caps = tuple(caps) if not caps or (min(caps) >= 0 and max(caps) <= K) else tuple(
-            max(0, min(int(c), K)) for c in caps)
-        return za[0] == (tuple(keys), caps, self.observations)
+        s = self.steps + 1
+        return (s < self._probe_due and self._held_answer(keys, self._clip_caps(caps), s)
+                and self._phase(s) == "policy")
 
     def observe(self, key, drafted: int, accepted: int) -> None:
         """What the request's last drafts showed: `accepted` of `drafted` were accepted."""
