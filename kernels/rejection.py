@@ -46,6 +46,7 @@ triton = None
 __all__ = [
     "GREEDY_TEMPERATURE_EPS",
     "PLACEHOLDER_TOKEN_ID",
+    "keyed_sample",
     "RejectionOutput",
     "rejection_sample",
     "rejection_sample_ref",
@@ -192,6 +193,49 @@ def rejection_sample_ref(
         # Exponential race: argmax w / E ~ Categorical(w / sum(w)) without normalising.
         last[rr] = torch.argmax(w.double() / e, dim=1)
     out[torch.arange(B, device=dev), num_acc] = last.to(out_dtype)
+    return RejectionOutput(out, num_acc.to(torch.int32))
+
+
+def keyed_sample(
+    draft_token_ids: torch.Tensor,  # [N] int; ids outside [0, V) are rejected
+    num_draft_tokens: list[int],  # [B] host-side
+    logits: torch.Tensor,  # [N + B, V] every request's draft rows then its bonus row, processed, pre-temperature
+    temperature: torch.Tensor,  # [B] fp32, >= GREEDY_TEMPERATURE_EPS (random requests)
+    keys: torch.Tensor,  # [B] int64, one per request
+    first_positions: torch.Tensor,  # [B] int64, sequence position of each request's first row
+    max_spec_len: int,
+    *,
+    out_dtype: torch.dtype = torch.int32,
+) -> RejectionOutput:
+    """Point-mass drafts, sampled by position: every row j of request b draws t_j ~ p_j with noise keyed
+    by (keys[b], first_positions[b] + j); the drafts are accepted while t_j == d_j, and the first t_j
+    that differs (or the bonus row's) ends the request's output.
+
+    For a point-mass draft this is exact rejection sampling: P(accept) = p(d), and a rejected t_j is a
+    draw of p without d, normalised - the rules of rejection_sample. What it adds is that the token at
+    a sequence position is a function of the key, the position and p there only: a request emits the
+    same tokens whatever its draft lengths were, so a seeded request reproduces under any schedule,
+    adaptive draft lengths included. Not for dense draft probabilities (there P(accept) would be
+    sum p q, below sum min(p, q)). Shapes are small: only the rows of the requests asked for."""
+    dev = logits.device
+    B, K = len(num_draft_tokens), max_spec_len
+    V = logits.shape[-1]
+    rows_per_req = torch.tensor([n + 1 for n in num_draft_tokens], device=dev)
+    req = torch.repeat_interleave(torch.arange(B, device=dev), rows_per_req, output_size=logits.shape[0])
+    start = torch.cumsum(rows_per_req, 0) - rows_per_req
+    j = torch.arange(logits.shape[0], device=dev) - start[req]  # [N + B] row inside the request
+    t = temperature.to(dev).float().clamp_min(GREEDY_TEMPERATURE_EPS)[req]
+    e = _counter_exponentials(keys.to(dev).long()[req], first_positions.to(dev).long()[req] + j, 0, V)
+    # exponential race: argmax_v exp(x_v / T) / E_v samples v with probability p_v
+    tok = torch.argmax(logits.double() / t.double()[:, None] - torch.log(e), dim=-1)  # [N + B]
+    tok_grid = torch.full((B, K + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=dev)
+    tok_grid[req, j] = tok
+    draft_grid = torch.full((B, K + 1), -2, dtype=torch.long, device=dev)  # -2 never equals a token
+    is_draft = j < (rows_per_req - 1)[req]
+    draft_grid[req[is_draft], j[is_draft]] = draft_token_ids.to(dev).long()
+    num_acc = (tok_grid == draft_grid)[:, :K].int().cumprod(dim=1).sum(dim=1)  # [B]
+    keep = torch.arange(K + 1, device=dev)[None, :] <= num_acc[:, None]
+    out = torch.where(keep, tok_grid, PLACEHOLDER_TOKEN_ID).to(out_dtype)
     return RejectionOutput(out, num_acc.to(torch.int32))
 
 

@@ -146,6 +146,32 @@ def test_forced_schedule_within_requests_is_lossless(trained):
     assert spec.collective_rpc(_count_draft_rpcs)[0] == rpcs
 
 
+def test_seeded_requests_reproduce_under_any_schedule(trained):
+    """A seeded request's tokens are drawn by sequence position, so they do not depend on the draft
+    lengths it got: the policy's own choice, a forced 4 -> 0 -> 2 -> 4 schedule and never drafting give
+    the same text; and the drafts were really verified (accepted tokens counted) on the way."""
+    from vllm import SamplingParams
+
+    from engine_utils import collect_metrics as metrics
+
+    base, spec = trained
+    sps = [SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True, seed=77 + i) for i in range(len(PROMPTS))]
+    runs = {}
+    for name, schedule in (("policy", None), ("4-0-2-4", [4, 0, 2, 4]), ("never", [0])):
+        spec.collective_rpc(_script(schedule))
+        before = metrics(spec)["vllm:spec_decode_num_accepted_tokens"]
+        try:
+            runs[name] = _greedy(spec, sps)
+        finally:
+            spec.collective_rpc(_script(None))
+        runs[name + " accepted"] = metrics(spec)["vllm:spec_decode_num_accepted_tokens"] - before
+    assert runs["4-0-2-4"] == runs["policy"]
+    assert runs["never"] == runs["policy"]
+    assert runs["4-0-2-4 accepted"] > 0 and runs["never accepted"] == 0
+    greedy = _greedy(base, [SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)] * len(PROMPTS))
+    assert runs["policy"] != greedy, "the requests must be sampled, not greedy"
+
+
 def test_random_sampling_keeps_the_distribution_adaptive(trained):
     """The in-engine frequency check at temperature 1 (ragged adaptive drafts): plugin against no speculation,
     two-sample chi-square over the tokens after the first."""

@@ -305,6 +305,25 @@ def test_structured_output_sampled_tokens_valid(engines, mode):
         assert st["fused_steps"] > before["fused_steps"], st
 
 
+def test_seeded_requests_keep_the_distribution_and_reproduce_across_schedules(engines, base_samples):
+    """Seeded requests are sampled by sequence position (kernels.rejection.keyed_sample), whatever their
+    draft lengths: N requests with distinct seeds give the same tokens on the fixed-K engine and on the
+    adaptive one (other draft lengths, other batch histories), and as a sample they have the target's
+    distribution (against no speculation, unseeded)."""
+    from vllm import SamplingParams
+
+    sps = [SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=5000 + i) for i in range(N)]
+    before = _sampler_stats(engines["plugin"])
+    fixed = [list(o.outputs[0].token_ids) for o in engines["plugin"].generate([PROMPT] * N, sps, use_tqdm=False)]
+    after = _sampler_stats(engines["plugin"])
+    adaptive = [list(o.outputs[0].token_ids) for o in engines["adaptive"].generate([PROMPT] * N, sps,
+                                                                                   use_tqdm=False)]
+    assert fixed == adaptive, sum(a != b for a, b in zip(fixed, adaptive))
+    assert len({tuple(x) for x in fixed}) > N // 4, "distinct seeds must give distinct samples"
+    assert _two_sample_pvalue(fixed, base_samples) > PVALUE
+    assert after["fused_steps"] > before["fused_steps"] and not after["fallbacks"], after
+
+
 @pytest.mark.parametrize("mode", ["plugin", "adaptive"])
 def test_mixed_batch(engines, mode):
     """One generate call mixing greedy, random and seeded requests, more requests than max_num_seqs (late

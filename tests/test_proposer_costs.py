@@ -17,7 +17,7 @@ def _bare_proposer(keys):
     p = object.__new__(GemmaMTPProposer)  # no runner, no model: only what _decide reads
     p.policy = DraftPolicy(PolicyConfig(max_k=4))
     p.stats, p.counters, p.tp_size = ProposerStats(), StepCounters(max_k=4, adaptive=True), 1
-    p._keys, p._cap_list, p._seeded = tuple(keys), [4] * len(keys), []
+    p._keys, p._cap_list = tuple(keys), [4] * len(keys)
     p._row = {r: i for i, r in enumerate(keys)}
     p._pending, p._last_end, p._last_start, p._last_draft = {}, 0.0, 0.0, 0.0
     return p

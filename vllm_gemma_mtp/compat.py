@@ -169,9 +169,23 @@ def request_extra_args(runner, req_id):
     return getattr(sp, "extra_args", None)
 
 
-def request_is_seeded(runner, req_id) -> bool:
-    state = runner.requests.get(req_id) if runner is not None else None
-    return getattr(getattr(state, "sampling_params", None), "seed", None) is not None
+def bind_rejection_sampler(runner) -> None:
+    """Give the runner's rejection sampler (ours, when installed) the runner, whose input batch knows each
+    request's sequence position (sampler.py's keyed sampling of seeded requests). 0.26/0.32/0.33: the
+    V1 runner builds `self.rejection_sampler` in its __init__, before the drafter's load_model."""
+    rs = getattr(runner, "rejection_sampler", None)
+    if rs is not None and hasattr(rs, "runner"):
+        rs.runner = runner
+
+
+def next_token_positions(runner, rows) -> list[int] | None:
+    """The sequence position of the next token of each batch row (prompt + emitted output: the position
+    of the row's first draft, or of its only sampled token), None without a V1 runner. 0.26/0.32/0.33:
+    `input_batch.num_tokens_no_spec`, up to date by sampling time under synchronous scheduling."""
+    nt = getattr(getattr(runner, "input_batch", None), "num_tokens_no_spec", None)
+    if nt is None:
+        return None
+    return [int(nt[i]) for i in rows]
 
 
 def uses_async_scheduling(runner) -> bool:

