@@ -181,9 +181,11 @@ def bind_rejection_sampler(runner) -> None:
 def next_token_positions(runner, rows) -> list[int] | None:
     """The sequence position of the next token of each batch row (prompt + emitted output: the position
     of the row's first draft, or of its only sampled token), None without a V1 runner. 0.26/0.32/0.33:
-    `input_batch.num_tokens_no_spec`, up to date by sampling time under synchronous scheduling."""
+    `input_batch.num_tokens_no_spec`, up to date by sampling time under synchronous scheduling. Under async
+    scheduling it can run ahead of what was accepted (vLLM corrects it later), and a position counted twice
+    would reuse its noise, so there: None (the sampler then draws a fresh key per step)."""
     nt = getattr(getattr(runner, "input_batch", None), "num_tokens_no_spec", None)
-    if nt is None:
+    if nt is None or uses_async_scheduling(runner):
         return None
     return [int(nt[i]) for i in rows]
 
