@@ -109,6 +109,13 @@ def _sampler_stats(llm):
     return llm.collective_rpc(_worker_probe)[0][1]["sampler"]
 
 
+def _proposer_stats(llm):
+    from engine_utils import _worker_probe
+
+    st = llm.collective_rpc(_worker_probe)[0][1]
+    return {k: st[k] for k in ("rounds", "skipped_rounds", "plain_steps")}
+
+
 def _frequent_tokens(samples, n):
     from collections import Counter
 
@@ -348,9 +355,9 @@ def test_mixed_batch(engines, mode):
         if i % 50 == 25 and i // 50 < len(seeded):
             prompts.append(PROMPT)
             params.append(seeded[i // 50])
-    before = _sampler_stats(engines[mode])
+    before, rounds_before = _sampler_stats(engines[mode]), _proposer_stats(engines[mode])
     outs = engines[mode].generate(prompts, params, use_tqdm=False)
-    after = _sampler_stats(engines[mode])
+    after, rounds_after = _sampler_stats(engines[mode]), _proposer_stats(engines[mode])
     got = [list(o.outputs[0].token_ids) for o in outs]
     ref = engines["none"].generate(prompts, params, use_tqdm=False)
     for p, x, y in zip(params, got, ref):
@@ -364,6 +371,14 @@ def test_mixed_batch(engines, mode):
     for p, x in zip(params, got):
         if id(p) in want:
             assert x == want[id(p)], "a seeded request must reproduce, whatever else is in the batch"
-    assert after["ragged_steps"] > before["ragged_steps"], after
-    assert after["rows_without_drafts"] > before["rows_without_drafts"], after
     assert after["fused_steps"] > before["fused_steps"] and not after["fallbacks"], after
+    if mode == "plugin":
+        # fixed K: every decoding request drafts K, so the late arrivals make ragged steps
+        assert after["ragged_steps"] > before["ragged_steps"], after
+        assert after["rows_without_drafts"] > before["rows_without_drafts"], after
+    else:
+        # adaptive: the policy may give the whole batch one length (often 0 on this low-acceptance T=1
+        # load), so ragged steps are not guaranteed; what must happen is that the batch ran both drafting
+        # and plain steps, the seeded requests reproducing across them (checked above)
+        assert rounds_after["rounds"] > rounds_before["rounds"], rounds_after
+        assert rounds_after["skipped_rounds"] > rounds_before["skipped_rounds"], rounds_after
