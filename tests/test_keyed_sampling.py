@@ -127,3 +127,19 @@ def test_invalid_drafts_are_rejected_and_masked_tokens_never_emitted():
     many = keyed_sample(torch.tensor([], dtype=torch.long), [0] * 500, torch.zeros(500, V).index_fill_(
         1, torch.arange(3, V), float("-inf")), torch.ones(500), torch.arange(500), torch.zeros(500, dtype=torch.long), 1)
     assert many.output_token_ids[:, 0].max() <= 2 and many.output_token_ids[:, 1].eq(-1).all()
+
+
+@pytest.mark.parametrize("u", [1.0 - 2.0 ** -54, 2.0 ** -54])
+def test_uniform_at_the_edges_lands_on_an_allowed_token(monkeypatch, u):
+    """The largest and smallest uniform the hash can give: u * total can round up to the total, and a
+    cumulative sum is flat over masked tokens; the token is still one with probability mass."""
+    from vllm_gemma_mtp.kernels import rejection
+
+    monkeypatch.setattr(rejection, "_counter_uniforms", lambda seeds, positions: torch.full(
+        seeds.shape, u, dtype=torch.float64))
+    logits = torch.full((4, V), float("-inf"))
+    logits[:, 2:5] = torch.tensor([0.3, -1.0, 2.0])  # tokens 0, 1, 5, 6 masked
+    res = keyed_sample(torch.tensor([], dtype=torch.long), [0] * 4, logits, torch.ones(4),
+                       torch.arange(4), torch.zeros(4, dtype=torch.long), 1)
+    want = 4 if u > 0.5 else 2
+    assert res.output_token_ids[:, 0].eq(want).all(), res.output_token_ids
