@@ -2,6 +2,7 @@
 
     python scripts/acceptance.py            # measure and print
     python scripts/acceptance.py --record   # write tests/assets/trained_pair/acceptance_k4.json
+    python scripts/acceptance.py --kv-table docs/kv_dtype_acceptance.json   # every KV dtype, plugin and built-in
 
 tests/test_acceptance_regression.py re-measures this and compares it with the recorded file.
 """
@@ -45,7 +46,12 @@ def main():
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--mode", default="plugin", choices=["plugin", "builtin"])
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
+    ap.add_argument("--kv-table", metavar="JSON",
+                    help="measure plugin and built-in on every KV cache dtype (fp8 ones need AVX-512/AMX on CPU), "
+                         "check the plugin's outputs against the built-in's on the same cache, write JSON")
     args = ap.parse_args()
+    if args.kv_table:
+        return kv_table(Path(args.kv_table))
     m = measure(mode=args.mode, kv_cache_dtype=args.kv_cache_dtype)
     m.pop("outputs", None)
     print(json.dumps(m, indent=1))
@@ -54,6 +60,31 @@ def main():
             raise SystemExit("--record keeps the default setting only (plugin, kv_cache_dtype auto)")
         RECORD.write_text(json.dumps(m, indent=1) + "\n")
         print("recorded", RECORD)
+
+
+def kv_table(out: Path):
+    import platform
+
+    import torch
+
+    rows = []
+    for dtype in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"):
+        got = {mode: measure(mode=mode, kv_cache_dtype=dtype) for mode in ("plugin", "builtin")}
+        row = {"kv_cache_dtype": dtype,
+               **{f"{m}_mean_acceptance_length": round(g["mean_acceptance_length"], 3) for m, g in got.items()},
+               **{f"{m}_per_position": [round(x, 3) for x in g["per_position_acceptance"]] for m, g in got.items()},
+               "outputs_identical_plugin_vs_builtin": got["plugin"]["outputs"] == got["builtin"]["outputs"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["plugin_mean_acceptance_length"]
+    for r in rows:
+        r["plugin_vs_auto"] = round(r["plugin_mean_acceptance_length"] / base, 3)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    res = {"machine": f"{cpu}, {torch.get_num_threads()} threads, avx512={torch.cpu._is_avx512_supported()}, "
+                      f"amx={torch.cpu._is_amx_tile_supported()}", "python": platform.python_version(),
+           "settings": {**SETTINGS, "pair": "trained", "dtype": "float32", "temperature": 0}, "rows": rows}
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print("wrote", out)
 
 
 if __name__ == "__main__":
