@@ -46,7 +46,7 @@ def _timed(cls, name: str, label: str | None = None) -> None:
         finally:
             TIMES[label or name].append(time.perf_counter() - t)
 
-    setattr(cls, name, wrapper)
+    setattr(cls, name, staticmethod(wrapper) if isinstance(cls.__dict__.get(name), staticmethod) else wrapper)
 
 
 def instrument() -> None:
@@ -76,6 +76,16 @@ def instrument() -> None:
     from vllm_gemma_mtp.policy import DraftPolicy
 
     _timed(DraftPolicy, "decide", "        policy.decide")
+    from vllm.v1.sample.sampler import Sampler
+
+    from vllm_gemma_mtp.sampler import GemmaMTPRejectionSampler
+
+    # the sampler: verify steps (forward) and plain steps with seeded rows (sample_plain)
+    _timed(GemmaMTPRejectionSampler, "forward", "    sampler.forward (verify)")
+    _timed(GemmaMTPRejectionSampler, "sample_plain", "    sampler.sample_plain (seeded rows, plain step)")
+    _timed(GemmaMTPRejectionSampler, "_process_every_row", "      sampler._process_every_row")
+    _timed(GemmaMTPRejectionSampler, "_sample_keyed", "      sampler._sample_keyed")
+    _timed(Sampler, "forward", "      vLLM Sampler.forward")
 
 
 def _install_remote(worker):

