@@ -233,19 +233,17 @@ def keyed_sample(
     dev = logits.device
     B, K = len(num_draft_tokens), max_spec_len
     V = logits.shape[-1]
+    if K == 0:  # bonus rows only (a plain step's seeded rows): the same draw, without the draft grids
+        t = temperature.to(dev).float().clamp_min(GREEDY_TEMPERATURE_EPS)
+        tok = _inverse_cdf(logits, t, _counter_uniforms(keys.to(dev).long(), first_positions.to(dev).long()), V)
+        return RejectionOutput(tok.view(B, 1).to(out_dtype), torch.zeros(B, dtype=torch.int32, device=dev))
     rows_per_req = torch.tensor([n + 1 for n in num_draft_tokens], device=dev)
     req = torch.repeat_interleave(torch.arange(B, device=dev), rows_per_req, output_size=logits.shape[0])
     start = torch.cumsum(rows_per_req, 0) - rows_per_req
     j = torch.arange(logits.shape[0], device=dev) - start[req]  # [N + B] row inside the request
     t = temperature.to(dev).float().clamp_min(GREEDY_TEMPERATURE_EPS)[req]
     u = _counter_uniforms(keys.to(dev).long()[req], first_positions.to(dev).long()[req] + j)  # [N + B]
-    # fp32 probabilities (as vLLM samples), accumulated in fp64 so the tail of a 262144-wide sum keeps its mass
-    cdf = torch.cumsum(torch.softmax(logits.float() / t[:, None], dim=-1), dim=-1, dtype=torch.float64)
-    # the first token whose cumulative mass passes u (a zero-probability token never does); u * total can
-    # round up to the total, so the index is clamped and moved back to the last token with mass
-    at = (u * cdf[:, -1]).unsqueeze(1)
-    tok = torch.searchsorted(cdf, at, right=True).clamp_max(V - 1)
-    tok = torch.searchsorted(cdf, cdf.gather(1, tok), right=False).squeeze(1)  # [N + B]
+    tok = _inverse_cdf(logits, t, u, V)  # [N + B]
     tok_grid = torch.full((B, K + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=dev)
     tok_grid[req, j] = tok
     draft_grid = torch.full((B, K + 1), -2, dtype=torch.long, device=dev)  # -2 never equals a token
@@ -255,6 +253,18 @@ def keyed_sample(
     keep = torch.arange(K + 1, device=dev)[None, :] <= num_acc[:, None]
     out = torch.where(keep, tok_grid, PLACEHOLDER_TOKEN_ID).to(out_dtype)
     return RejectionOutput(out, num_acc.to(torch.int32))
+
+
+def _inverse_cdf(logits: torch.Tensor, t: torch.Tensor, u: torch.Tensor, V: int) -> torch.Tensor:
+    """Each row's token at its uniform u [R] (fp64) in softmax(logits / t) [R, V]: a row's token depends on
+    that row alone."""
+    # fp32 probabilities (as vLLM samples), accumulated in fp64 so the tail of a 262144-wide sum keeps its mass
+    cdf = torch.cumsum(torch.softmax(logits.float() / t[:, None], dim=-1), dim=-1, dtype=torch.float64)
+    # the first token whose cumulative mass passes u (a zero-probability token never does); u * total can
+    # round up to the total, so the index is clamped and moved back to the last token with mass
+    at = (u * cdf[:, -1]).unsqueeze(1)
+    tok = torch.searchsorted(cdf, at, right=True).clamp_max(V - 1)
+    return torch.searchsorted(cdf, cdf.gather(1, tok), right=False).squeeze(1)
 
 
 def _greedy_ref(draft_token_ids, cu_num_draft_tokens, target_logits, bonus_token_ids, B: int, K: int, out_dtype):

@@ -160,14 +160,19 @@ def test_seeded_requests_reproduce_under_any_schedule(trained):
     for name, schedule in (("policy", None), ("4-0-2-4", [4, 0, 2, 4]), ("never", [0])):
         spec.collective_rpc(_script(schedule))
         before = metrics(spec)["vllm:spec_decode_num_accepted_tokens"]
+        plain_before = _proposer_stats(spec)["sampler"]["keyed_plain_steps"]
         try:
             runs[name] = _greedy(spec, sps)
         finally:
             spec.collective_rpc(_script(None))
         runs[name + " accepted"] = metrics(spec)["vllm:spec_decode_num_accepted_tokens"] - before
+        runs[name + " keyed plain"] = _proposer_stats(spec)["sampler"]["keyed_plain_steps"] - plain_before
     assert runs["4-0-2-4"] == runs["policy"]
     assert runs["never"] == runs["policy"]
     assert runs["4-0-2-4 accepted"] > 0 and runs["never accepted"] == 0
+    # steps without drafts ran as plain decoding with the seeded rows drawn by position (sampler.sample_plain),
+    # not through the verify path: every step of "never" (the prefill's included), the 0 steps of 4-0-2-4
+    assert runs["never keyed plain"] >= 48 and runs["4-0-2-4 keyed plain"] > 0, runs
     greedy = _greedy(base, [SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)] * len(PROMPTS))
     assert runs["policy"] != greedy, "the requests must be sampled, not greedy"
 

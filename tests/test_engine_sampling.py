@@ -336,7 +336,7 @@ def test_mixed_batch(engines, mode):
     """One generate call mixing greedy, random and seeded requests, more requests than max_num_seqs (late
     arrivals are verified with 0 drafts beside decoding ones) and grammar-trimmed drafts: greedy identical
     to no speculation, seeded requests reproduce in another batch, random ones keep the distribution, and
-    the sampler saw ragged steps - all on the fused path."""
+    the sampler saw ragged steps (fixed K) - nothing handed to vLLM's rejection sampler."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -371,8 +371,9 @@ def test_mixed_batch(engines, mode):
     for p, x in zip(params, got):
         if id(p) in want:
             assert x == want[id(p)], "a seeded request must reproduce, whatever else is in the batch"
-    assert after["fused_steps"] > before["fused_steps"] and not after["fallbacks"], after
+    assert not after["fallbacks"], after
     if mode == "plugin":
+        assert after["fused_steps"] > before["fused_steps"], after
         # fixed K: every decoding request drafts K, so the late arrivals make ragged steps
         assert after["ragged_steps"] > before["ragged_steps"], after
         assert after["rows_without_drafts"] > before["rows_without_drafts"], after
@@ -382,3 +383,5 @@ def test_mixed_batch(engines, mode):
         # are guaranteed here (forced schedules: tests/test_adaptive.py); the policy decided every step
         steps = sum(rounds_after[k] - rounds_before[k] for k in ("rounds", "skipped_rounds"))
         assert steps >= MAX_TOKENS - 1, (rounds_before, rounds_after)
+        # the seeded rows went through the plugin's sampler: on verify steps, or on plain steps drawn by position
+        assert sum(after[k] - before[k] for k in ("fused_steps", "keyed_plain_steps")) > 0, (before, after)

@@ -84,6 +84,30 @@ def test_batch_rows_are_independent():
     assert torch.equal(both[0], alone0[0, :4])
 
 
+def test_a_plain_step_draws_what_a_verify_step_draws():
+    """A plain step's seeded rows (sampler.sample_plain: bonus rows only, max_spec_len 0, no draft grids) get
+    the token a verify step gives the same request with 0 drafts beside requests that have drafts, so a
+    seeded request's text does not depend on which kind of step it lands in."""
+    gen = torch.Generator().manual_seed(3)
+    R, W = 64, 4096
+    bonus = torch.randn(R, W, generator=gen) * 3
+    bonus[:, ::5] = float("-inf")
+    keys = torch.randint(-2**62, 2**62, (R,), generator=gen)
+    pos = torch.randint(0, 10000, (R,), generator=gen)
+    t = torch.rand(R, generator=gen) + 0.3
+    plain = keyed_sample(torch.tensor([], dtype=torch.long), [0] * R, bonus, t, keys, pos, 0)
+    assert plain.output_token_ids.shape == (R, 1) and plain.num_accepted.eq(0).all()
+    assert torch.isfinite(bonus.gather(1, plain.output_token_ids.long())).all(), "masked tokens are never drawn"
+    for i in range(R):
+        others = torch.randn(7, W, generator=gen)  # request 0: 2 drafts + bonus, request 2: 3 drafts + bonus
+        logits = torch.cat([others[:3], bonus[i:i + 1], others[3:]])
+        drafts = torch.randint(0, W, (5,), generator=gen)
+        pick = lambda x, o: torch.stack([o, x[i], o])  # noqa: E731
+        out = keyed_sample(drafts, [2, 0, 3], logits, pick(t, torch.tensor(1.0)), pick(keys, torch.tensor(5)),
+                           pick(pos, torch.tensor(9)), 3).output_token_ids
+        assert int(out[1, 0]) == int(plain.output_token_ids[i, 0]) and out[1, 1:].eq(-1).all(), i
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_exact_rejection_sampling_frequencies(temperature):
     """One draft d per trial, n trials with distinct keys: P(accept) = p(d), the token at a rejection is

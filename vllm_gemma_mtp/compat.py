@@ -342,7 +342,11 @@ def patch_plain_steps() -> None:
     0.32/0.33 return (logits_indices, spec_metadata, max_num_sampled_tokens). 0.26 returns
     (logits_indices, spec_metadata) and builds no metadata itself when no request carries drafts (seeded
     requests included, so there a seeded request's sampler at a step without drafts follows the batch);
-    such steps are only counted."""
+    such steps are only counted.
+
+    A batch with seeded requests runs plain too (0.32/0.33, synchronous scheduling): `_sample` then hands the
+    step to the plugin's sampler (`sample_plain`), which draws the seeded rows by position as a verify step
+    does."""
     cls = v1_runner_module().GPUModelRunner
     orig = cls._prepare_inputs
     if getattr(orig, "_gemma_mtp_wrapped", False):
@@ -359,11 +363,18 @@ def patch_plain_steps() -> None:
         return orig_calc(self, num_draft_tokens, *a, **kw)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        self._gemma_mtp_keyed_plain = False
         drafter = getattr(self, "drafter", None)
         if (getattr(drafter, "plugin_name", None) != "vllm-gemma-mtp"
                 or any(scheduler_output.scheduled_spec_decode_tokens.values())):
             return orig(self, scheduler_output, num_scheduled_tokens)
-        plain = not getattr(self.input_batch, "generators", None)
+        # a seeded request's tokens are drawn by sequence position on the verify path (sampler.py); a plain
+        # step can draw them the same way (the plugin's sampler.sample_plain, through _sample below) only
+        # where positions are known (synchronous scheduling) and nothing else reads the sampler's tokens
+        # (logprob_token_ids: generative scoring); otherwise the step keeps the verify path, so a seeded
+        # request never switches samplers with what else runs (0.32/0.33: input_batch.generators)
+        seeded = bool(getattr(self.input_batch, "generators", None))
+        plain = not seeded or _keyed_plain_possible(self)
         self._gemma_mtp_plain = plain and orig_calc is not None
         try:
             out = orig(self, scheduler_output, num_scheduled_tokens)
@@ -373,18 +384,41 @@ def patch_plain_steps() -> None:
             if len(out) == 2:
                 drafter.note_plain_step()
             return out
-        # a seeded random request keeps its sampler: vLLM's plain sampler draws from the request's
-        # generator, the fused one from counter-based noise, so switching between them with the
-        # batch's drafts would tie its output to what else runs (0.32/0.33: input_batch.generators)
-        if getattr(self.input_batch, "generators", None):
+        if not plain:
             return out
+        self._gemma_mtp_keyed_plain = seeded
         drafter.note_plain_step()
         return (out[0], None, 1) if len(out) == 3 else (out[0], None)
 
+    orig_sample = cls._sample
+
+    def _sample(self, logits, spec_decode_metadata, *a, **kw):
+        if spec_decode_metadata is None and getattr(self, "_gemma_mtp_keyed_plain", False):
+            self._gemma_mtp_keyed_plain = False
+            self.input_batch.update_async_output_token_ids()
+            return self.rejection_sampler.sample_plain(logits, self.input_batch.sampling_metadata)
+        return orig_sample(self, logits, spec_decode_metadata, *a, **kw)
+
     _prepare_inputs._gemma_mtp_wrapped = True
     cls._prepare_inputs = _prepare_inputs
+    cls._sample = _sample
     if orig_calc is not None:
         cls._calc_spec_decode_metadata = _calc_spec_decode_metadata
+
+
+def _keyed_plain_possible(runner) -> bool:
+    sm = getattr(runner.input_batch, "sampling_metadata", None)
+    return (not uses_async_scheduling(runner) and sm is not None and not getattr(sm, "logprob_token_ids", None)
+            and hasattr(getattr(runner, "rejection_sampler", None), "sample_plain"))
+
+
+def zero_draft_metadata(batch_size: int, device):
+    """Speculative-decoding metadata for a batch in which no request has drafts (the plugin's sampler
+    processes a plain step's seeded rows as a verify step would). 0.26/0.32/0.33:
+    `SpecDecodeMetadata.make_dummy`."""
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    return SpecDecodeMetadata.make_dummy([[] for _ in range(batch_size)], device)
 
 
 def patch_held_zero_steps() -> None:

@@ -102,6 +102,7 @@ class GemmaMTPRejectionSampler(_Base):
         self.ragged_steps = 0  # steps whose requests had different draft counts
         self.rows_without_drafts = 0  # requests verified with 0 drafts (bonus token only)
         self.invalid_drafts = 0  # draft ids outside [0, V) (placeholders), rejected at their position
+        self.keyed_plain_steps = 0  # plain steps whose seeded rows were redrawn by position (sample_plain)
         self._taken = _host_counts(self)  # what take_delta() last reported
         self.runner = None  # the V1 runner, bound by the proposer (compat.bind_rejection_sampler)
         from vllm_gemma_mtp.plugin import current_options
@@ -150,9 +151,7 @@ class GemmaMTPRejectionSampler(_Base):
             # through the same verification-time processing as the draft rows (the drafts before them
             # counted as output); one pass of the processors over every row, then the draft rows are sliced
             # out for the kernel, each side truncated on its own rows
-            every = logits.to(torch.float32, copy=True)  # [N + B, V]
-            every = compat.apply_rejection_logits_processors(self, every, _with_bonus_rows(sm, metadata),
-                                                             replace(metadata, num_draft_tokens=[n + 1 for n in nd]))
+            every = self._process_every_row(logits, sm, metadata)  # [N + B, V]
             target = every[metadata.target_logits_indices]
             if truncate and target.shape[0] > 0:
                 target, temperature = truncate_top_k_top_p(target, temperature, sm.top_k, sm.top_p, nd)
@@ -182,6 +181,41 @@ class GemmaMTPRejectionSampler(_Base):
             logprobs_tensors = compat.spec_decode_logprobs(
                 self, sm.max_num_logprobs, metadata, logits, lp_logits, bonus_out.logprobs_tensors.logprobs, out)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
+
+    def sample_plain(self, logits, sampling_metadata):
+        """A step without drafts whose batch has seeded requests, run as plain decoding
+        (compat.patch_plain_steps): vLLM's sampler for every row, then the seeded rows redrawn by position
+        exactly as a verify step draws the row of a request without drafts (same processing, same key and
+        position), so a seeded request's text does not depend on which kind of step it lands in. Before this,
+        such a step kept the whole verify path for the batch (trained pair, batch 16, half the requests
+        seeded, drafting in 24 of 385 steps: 0.59x the speed of no speculation)."""
+        sm = sampling_metadata
+        keyed = self._keyed_requests(sm)
+        if not keyed:
+            return self.sampler(logits=logits, sampling_metadata=sm)
+        B = logits.shape[0]
+        metadata = compat.zero_draft_metadata(B, logits.device)
+        every = self._process_every_row(logits, sm, metadata)  # before vLLM's sampler: it works in place
+        want_logprobs = sm.max_num_logprobs is not None
+        plain = self.sampler(logits=logits, sampling_metadata=replace(sm, max_num_logprobs=-1) if want_logprobs else sm)
+        out = self._sample_keyed(plain.sampled_token_ids, keyed, every, sm, metadata)  # [B, 1]
+        self.keyed_plain_steps += 1
+        if not want_logprobs:
+            return plain
+        from vllm.v1.outputs import SamplerOutput
+
+        # the full logprobs came back (max_num_logprobs=-1); gathered for the tokens actually emitted
+        lp = self.sampler.gather_logprobs(plain.logprobs_tensors.logprobs, sm.max_num_logprobs,
+                                          token_ids=out.view(-1).long())
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=lp)
+
+    def _process_every_row(self, logits, sm, metadata):
+        """Every row of logits ([N + B, V]: each request's draft rows, then its bonus row) through vLLM's
+        verification-time processors, the bonus rows as one more draft that no row counts; a copy."""
+        every = logits.to(torch.float32, copy=True)
+        nd = metadata.num_draft_tokens
+        return compat.apply_rejection_logits_processors(self, every, _with_bonus_rows(sm, metadata),
+                                                        replace(metadata, num_draft_tokens=[n + 1 for n in nd]))
 
     def _keyed_requests(self, sm) -> dict | None:
         """{batch row: (key, sequence position of its first row)} for the requests with their own
@@ -266,7 +300,7 @@ class GemmaMTPRejectionSampler(_Base):
     def stats(self) -> dict:
         return {"fused_steps": self.fused_steps, "features": dict(self.features), "fallbacks": dict(self.fallbacks),
                 "ragged_steps": self.ragged_steps, "rows_without_drafts": self.rows_without_drafts,
-                "invalid_drafts": int(self.invalid_drafts)}
+                "invalid_drafts": int(self.invalid_drafts), "keyed_plain_steps": self.keyed_plain_steps}
 
 
 def _signed64(x: int) -> int:
