@@ -177,6 +177,36 @@ def test_seeded_requests_reproduce_under_any_schedule(trained):
     assert runs["policy"] != greedy, "the requests must be sampled, not greedy"
 
 
+def test_seeded_logprobs_are_the_emitted_tokens_on_plain_and_verify_steps(trained):
+    """Seeded requests with logprobs: on plain steps the plugin's sampler redraws the seeded rows after vLLM's
+    sampler has gathered logprobs for its own draw, so they are gathered again for the emitted token. The
+    same requests drafting (4 -> 0 -> 2 -> 4) and never drafting emit the same tokens with the same logprobs,
+    and every emitted token is among its position's returned logprobs, with a rank that agrees with them."""
+    import math
+
+    from vllm import SamplingParams
+
+    _, spec = trained
+    sps = [SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, seed=500 + i, logprobs=2)
+           for i in range(len(PROMPTS))]
+    runs = {}
+    for name, schedule in (("4-0-2-4", [4, 0, 2, 4]), ("never", [0])):
+        spec.collective_rpc(_script(schedule))
+        try:
+            outs = spec.generate(PROMPTS, sps, use_tqdm=False)
+        finally:
+            spec.collective_rpc(_script(None))
+        runs[name] = [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
+    for (ta, la), (tb, lb) in zip(runs["4-0-2-4"], runs["never"]):
+        assert ta == tb
+        for tok, pa, pb in zip(ta, la, lb):
+            assert tok in pa and tok in pb, "the emitted token's logprob is returned"
+            assert math.isclose(pa[tok].logprob, pb[tok].logprob, rel_tol=1e-4, abs_tol=1e-5)
+            assert pa[tok].rank == pb[tok].rank
+            higher = sum(1 for t, v in pb.items() if t != tok and v.logprob > pb[tok].logprob)
+            assert pb[tok].rank >= 1 + higher and (pb[tok].rank > 2 or len(pb) == 2), (tok, pb)
+
+
 def test_random_sampling_keeps_the_distribution_adaptive(trained):
     """The in-engine frequency check at temperature 1 (ragged adaptive drafts): plugin against no speculation,
     two-sample chi-square over the tokens after the first."""
