@@ -2,8 +2,8 @@
 """Soak test: an OpenAI server with the plugin under a long, mixed, faulty load, then every completed greedy
 request replayed on a server without speculation.
 
-    python scripts/soak.py                                   # 1000 requests at concurrency 32 (the full run)
-    python scripts/soak.py --requests 120 --concurrency 16   # the CI version (tests/test_soak.py)
+    python scripts/soak.py --onednn-cache 0                  # 1000 requests at concurrency 32 (the full run)
+    python scripts/soak.py --requests 120 --concurrency 16 --max-prompt 1500 --onednn-cache 0   # tests/test_soak.py
 
 One server (`vllm.entrypoints.openai.api_server` on loopback, trained pair, K=4, adaptive, fp32, a KV cache small
 enough to force preemption), driven by the official `openai` client with a seeded request mix: completions and
@@ -11,7 +11,8 @@ chat, streaming and not, prompts up to --max-prompt tokens, max_tokens 1..300, 2
 random chunk, n=2, logprobs, prompt_logprobs, stop strings, seeds, penalties, top-k/top-p, JSON-schema
 structured output, per-request speculation off / capped (vllm_xargs); EOS ends requests inside accepted drafts.
 Afterwards: the server is alive, no request running or waiting, KV usage back to 0, preemptions happened,
-server RSS (all its processes) grew < 5 % after warm-up (the first 25 % of requests), every JSON output
+server RSS (all its processes; each one sampled every 2 s too) grew < 5 % after warm-up (the first 25 % of
+requests; --onednn-cache 0 keeps oneDNN's shape cache out of it), every JSON output
 parses and matches its schema, and a no-speculation server gives the same text for every completed greedy
 request. Writes soak.json and soak.md in --out; exit code 1 when a check fails.
 """
@@ -79,10 +80,6 @@ def rss_by_process(proc) -> dict[str, int]:
     except psutil.Error:
         pass
     return out
-
-
-def rss_bytes(proc) -> int:
-    return sum(rss_by_process(proc).values())
 
 
 class RssSampler:
@@ -268,15 +265,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     proc, port = start_server(not args.no_spec, args, out / "server_spec.log")
     rep["server_start_s"] = round(time.time() - t0, 1)
-    rss, rss_parts = {}, {}
+    rss_parts: dict[str, dict[str, int]] = {}  # mark -> process -> bytes
     marks = {max(1, int(args.requests * f)): name for f, name in ((args.warmup_frac, "warm"), (0.5, "half"),
                                                                    (0.75, "three_quarters"))}
 
     def on_done(n):
         sampler.done = n
-        if n in marks and marks[n] not in rss:
+        if n in marks and marks[n] not in rss_parts:
             rss_parts[marks[n]] = rss_by_process(proc)
-            rss[marks[n]] = sum(rss_parts[marks[n]].values())
 
     try:
         t = time.time()
@@ -287,7 +283,6 @@ def main(argv=None) -> int:
         time.sleep(3)  # finished and aborted requests leave the scheduler
         m = server_metrics(port, by=("feature", "reason"))
         rss_parts["end"] = rss_by_process(proc)
-        rss["end"] = sum(rss_parts["end"].values())
         alive = proc.poll() is None
     finally:
         stop_server(proc)
@@ -327,6 +322,7 @@ def main(argv=None) -> int:
             if rep["mix"][key]]
     sampler_ok = args.no_spec or (bool(rep["sampler"]["fused_steps"]) and not falls
                                   and all(feats.get(f, 0) > 0 for f in want))
+    rss = {mark: sum(parts.values()) for mark, parts in rss_parts.items()}
     rep["rss_mib"] = {k: round(v / 2**20, 1) for k, v in rss.items()}
     growth = (rss["end"] - rss["warm"]) / rss["warm"] if rss.get("warm") else None
     rep["rss_growth_after_warmup"] = growth
