@@ -235,6 +235,18 @@ def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup:
     return results
 
 
+def seeded_mix(n: int, seeded: float, max_tokens: int):
+    """SamplingParams for n requests: the first round(seeded * n) sampled at temperature 1 with a seed of their
+    own, the rest greedy (what seeded requests cost a batch); None when seeded is 0 (greedy throughout)."""
+    if seeded <= 0:
+        return None
+    from vllm import SamplingParams
+
+    n_seeded = round(seeded * n)
+    return [SamplingParams(temperature=1.0, seed=1000 + i, max_tokens=max_tokens, ignore_eos=True) if i < n_seeded
+            else SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True) for i in range(n)]
+
+
 def timed_runs(llm, prompts, max_tokens: int, runs: int, warmup: int = 1, mode: str = "none",
                k: int = 0, params=None) -> RunResult:
     """One engine: `interleaved_runs` with a single entry."""

@@ -169,7 +169,7 @@ def main():
                                                                  os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("VLLM_GEMMA_MTP_COMPILE", "1")
     from bench import TRAINED, code_prompts
-    from engine_runs import start_engine, timed_runs
+    from engine_runs import seeded_mix, start_engine, timed_runs
     from transformers import AutoTokenizer
 
     from vllm_gemma_mtp.fixtures import ensure_pair
@@ -190,14 +190,7 @@ def main():
         llm.collective_rpc(_script_remote, args=(sched,))
     if args.no_held_shortcut:
         llm.collective_rpc(_no_shortcut_remote)
-    params = None
-    if args.seeded > 0:
-        from vllm import SamplingParams
-
-        n_seeded = round(args.seeded * len(prompts))
-        params = [SamplingParams(temperature=1.0, seed=1000 + i, max_tokens=args.max_tokens, ignore_eos=True)
-                  if i < n_seeded else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-                  for i in range(len(prompts))]
+    params = seeded_mix(len(prompts), args.seeded, args.max_tokens)
     timed_runs(llm, prompts, args.max_tokens, runs=1, warmup=1, params=params)
     if args.in_process:
         TIMES.clear()
