@@ -205,7 +205,12 @@ class GemmaMTPRejectionSampler(_Base):
         metadata = compat.zero_draft_metadata(B, logits.device)
         every = self._process_every_row(logits, sm, metadata)  # before vLLM's sampler: it works in place
         want_logprobs = sm.max_num_logprobs is not None
-        plain = self.sampler(logits=logits, sampling_metadata=replace(sm, max_num_logprobs=-1) if want_logprobs else sm)
+        # vLLM's draw for the seeded rows is thrown away, so it gets no generators: they would cost a draw
+        # each and, on GPU, send the whole batch from FlashInfer's sampler to the per-row torch fallback
+        fields = {"generators": {}}
+        if want_logprobs:
+            fields["max_num_logprobs"] = -1
+        plain = self.sampler(logits=logits, sampling_metadata=replace(sm, **fields))
         out = self._sample_keyed(plain.sampled_token_ids, keyed, every, sm, metadata)  # [B, 1]
         self.keyed_plain_steps += 1
         if not want_logprobs:
