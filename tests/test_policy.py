@@ -382,11 +382,9 @@ def test_slowdown_guard_is_feasible_and_never_better_than_free(seed):
         assert all(p >= 0.95 * plain * (1 - 1e-9) for p, c in zip(per, caps) if c > 0), (fair, per, plain)
 
 
-def test_an_all_zero_answer_is_held_only_while_its_inputs_stand():
-    """A batch turned fully off reuses that answer for a few steps (the chooser costs ~0.5 ms a step at batch
-    16), but re-decides at once when a request joins or leaves or an acceptance observation arrives."""
-    cfg = PolicyConfig(max_k=4, calibration_steps=1, min_samples=2, zero_recheck_every=4, probe_every=10 ** 6,
-                       explore_every=10 ** 6)
+def _zero_batch_policy(**kw):
+    cfg = PolicyConfig(max_k=4, calibration_steps=1, min_samples=2, zero_recheck_every=4, zero_hold_max=16,
+                       probe_every=10 ** 6, explore_every=10 ** 6, **kw)
     pol = DraftPolicy(cfg)
     for n in (4, 20, 4, 20, 8):  # a CPU-like cost: every token costs, a draft round costs more
         pol.costs.observe_verify(n, 0.01 + 0.002 * n, n - 4)
@@ -395,12 +393,21 @@ def test_an_all_zero_answer_is_held_only_while_its_inputs_stand():
     for k in keys:
         pol.observe(k, 4, 0)
     pol.decide(keys, [4] * 4)  # calibration
-    reasons = []
-    for _ in range(8):
+    return pol, keys
+
+
+def test_an_all_zero_answer_is_held_only_while_its_inputs_stand():
+    """A batch turned fully off reuses that answer (the chooser costs ~0.3-0.5 ms a step at batch 4-16) for up
+    to zero_hold_max steps while the costs stand, but re-decides at once when a request joins or leaves or an
+    acceptance observation arrives."""
+    pol, keys = _zero_batch_policy()
+    held = []
+    for _ in range(34):
         d = pol.decide(keys, [4] * 4)
         assert d.lengths == [0] * 4 and d.expected_rate > 0
-        reasons.append(pol.held_zero)
-    assert reasons == [0, 1, 2, 3, 3, 4, 5, 6]  # one full decision every zero_recheck_every steps
+        held.append(pol.held_zero)
+    # one full decision every zero_hold_max steps: steps 1, 17 and 33
+    assert held[:3] == [0, 1, 2] and held[15:18] == [15, 15, 16] and held[-3:] == [30, 30, 31]
     held = pol.held_zero
     pol.decide(keys + ["e"], [4] * 5)  # a new request: decided afresh
     assert pol.held_zero == held
@@ -413,6 +420,25 @@ def test_an_all_zero_answer_is_held_only_while_its_inputs_stand():
     assert pol.held_zero == held + 1
 
 
+def test_a_held_zero_answer_is_rechecked_sooner_when_the_costs_move():
+    """Costs that move by more than zero_hold_cost_tol of a plain step since the answer bring the recheck
+    forward to zero_recheck_every steps; costs that stand keep it for zero_hold_max."""
+    fresh = []
+    for drift in (0.0, 0.5):  # each step's plain-step sample: as fitted, or 50 % dearer
+        pol, keys = _zero_batch_policy()
+        full = []
+        for _ in range(16):
+            before = pol.held_zero
+            pol.decide(keys, [4] * 4)
+            full.append(int(pol.held_zero == before))
+            pol.costs.observe_verify(4, (0.01 + 0.002 * 4) * (1 + drift))
+        fresh.append(full)
+    assert fresh[0] == [1] + [0] * 15  # step 1 only: the answer stands for 16 steps
+    # the fit moves 50 % toward the dearer samples: rechecked as soon as the answer is zero_recheck_every old,
+    # and again while it keeps moving
+    assert fresh[1][:5] == [1, 0, 0, 0, 1] and sum(fresh[1]) >= 3
+
+
 @pytest.mark.parametrize("B", [1, 8])
 def test_held_steps_probe_exactly_when_full_decisions_would(B):
     """The O(1) held step (no probe due, nothing the chooser reads changed) gives the same draft lengths,
@@ -420,7 +446,7 @@ def test_held_steps_probe_exactly_when_full_decisions_would(B):
     runs = []
     for recheck in (1, 4):
         cfg = PolicyConfig(max_k=4, calibration_steps=1, min_samples=2, zero_recheck_every=recheck,
-                           probe_every=6, probe_backoff_max=4, explore_every=10 ** 6)
+                           zero_hold_max=1 if recheck == 1 else 16, probe_every=6, probe_backoff_max=4, explore_every=10 ** 6)
         pol = DraftPolicy(cfg)
         _teach_costs(pol)
         keys = [f"r{i}" for i in range(B)]

@@ -65,9 +65,15 @@ class PolicyConfig:
     # the batch's rate alone decides (see choose_draft_lengths)
     max_slowdown: float | None = 0.05
     calibration_steps: int = 0  # steps of cycling k over 0..max_k at start (0: 4 * (max_k + 1))
-    # a batch the chooser just turned fully off keeps that answer for this many steps while nothing it reads
-    # changes (same requests and caps, no new acceptance): only the plain-step cost moves, by one sample a step
+    # a batch the chooser just turned fully off keeps that answer while nothing it reads changes (same requests
+    # and caps, no new acceptance): only the costs move, by one sample a step. It is rechecked after
+    # zero_hold_max steps, or after zero_recheck_every steps once the cost model's prediction for the batch
+    # has moved by more than zero_hold_cost_tol of a plain step. A recheck runs the chooser and vLLM's propose
+    # path (~0.35 ms at batch 4 on this CPU, trained pair, half the batch seeded); with a fixed 4-step period
+    # that was 28 % of the steps of a batch held at 0
     zero_recheck_every: int = 4
+    zero_hold_max: int = 16
+    zero_hold_cost_tol: float = 0.05
     min_samples: int = 8
     # probes may cost at most this fraction of step time (None: no limit). A probe step runs a draft round the
     # chooser did not want; under load on a CPU it costs 1-3 plain steps (trained pair, batch 16-64: 12 probe
@@ -356,7 +362,7 @@ class DraftPolicy:
     skipped_rounds: int = 0  # steps where no request drafted
     observations: int = 0  # acceptance observations so far (what a held all-zero answer depends on)
     held_zero: int = 0  # steps that reused the all-zero answer without running the chooser
-    _zero_answer: tuple = None  # ((keys, caps, observations), step, rate) of the last all-zero choice
+    _zero_answer: tuple = None  # ((keys, caps, observations), step, rate, cost signature) of the last all-zero choice
     _probe_due: int = 0  # the first step at which some request's probe is due (held steps stop there)
     probe_allowance: float = None  # seconds of step time probes may still spend (probe_budget)
     probes_deferred: int = 0  # times due probes were put off until the allowance covers them
@@ -386,12 +392,27 @@ class DraftPolicy:
             return "calibration"
         return "explore" if self.since_plain >= self.cfg.explore_every else "policy"
 
+    def _cost_signature(self, B: int) -> tuple[float, ...]:
+        """What the cost model predicts for a batch of B: a plain step, what drafting adds per token and per
+        step, and a round's terms at full length, all in seconds (compared against a plain step's time)."""
+        v0, v1, v2 = self.costs.verify_coef()
+        d0, d1, d2 = self.costs.draft_coef()
+        K = self.cfg.max_k
+        return (v0 + v1 * B, v1 * B * K, v2, d0, d1 * K, d2 * B * K)
+
     def _held_answer(self, keys, caps: list[int], s: int) -> bool:
         """The last all-zero choice still stands at step `s`: same requests and caps, no new acceptance, and
-        fewer than zero_recheck_every steps old."""
+        younger than zero_recheck_every steps, or than zero_hold_max while the costs have not moved."""
         za = self._zero_answer
-        return (za is not None and s - za[1] < self.cfg.zero_recheck_every
-                and za[0] == (tuple(keys), tuple(caps), self.observations))
+        if za is None or za[0] != (tuple(keys), tuple(caps), self.observations):
+            return False
+        age = s - za[1]
+        if age < self.cfg.zero_recheck_every:
+            return True
+        if age >= self.cfg.zero_hold_max:
+            return False
+        then, now = za[3], self._cost_signature(len(keys))
+        return sum(abs(a - b) for a, b in zip(now, then)) <= self.cfg.zero_hold_cost_tol * max(then[0], 1e-9)
 
     def decide(self, keys: list, caps: list[int], round_len: int | None = None) -> StepDecision:
         K = self.cfg.max_k
@@ -428,7 +449,8 @@ class DraftPolicy:
                 lengths, rate = choose_draft_lengths([self.acceptance.rates(key, prior) for key in keys], caps,
                                                      self.costs.verify_coef(), self.costs.draft_coef(), K,
                                                      round_len, self.cfg.max_slowdown)
-                self._zero_answer = None if any(lengths) else (sig, self.steps, rate)
+                self._zero_answer = (None if any(lengths) else
+                                     (sig, self.steps, rate, self._cost_signature(len(keys))))
             reason = "policy"
             base = self.cfg.probe_every
             rw = self.cfg.resume_wait

@@ -252,28 +252,31 @@ class GemmaMTPRejectionSampler(_Base):
         only (a sort over the vocabulary: 262144 wide for Gemma 4)."""
         nd = metadata.num_draft_tokens
         rows = list(keyed)
-        first, idx, didx = 0, [], []
-        starts = []
-        for n in nd:
-            starts.append(first)
-            first += n + 1
-        dstart = [s - i for i, s in enumerate(starts)]  # request i's first draft in draft_token_ids
-        for i in rows:
-            idx.extend(range(starts[i], starts[i] + nd[i] + 1))
-            didx.extend(range(dstart[i], dstart[i] + nd[i]))
         dev = every.device
         sel = torch.tensor(rows, device=dev)
         counts = [nd[i] for i in rows]
-        x = every[torch.tensor(idx, dtype=torch.long, device=dev)]  # [R, V]
+        if metadata.max_spec_len == 0:  # a plain step: one row per request, no drafts
+            x = every[sel]  # [R, V]
+            drafts = metadata.draft_token_ids
+        else:
+            first, idx, didx = 0, [], []
+            starts = []
+            for n in nd:
+                starts.append(first)
+                first += n + 1
+            dstart = [s - i for i, s in enumerate(starts)]  # request i's first draft in draft_token_ids
+            for i in rows:
+                idx.extend(range(starts[i], starts[i] + nd[i] + 1))
+                didx.extend(range(dstart[i], dstart[i] + nd[i]))
+            x = every[torch.tensor(idx, dtype=torch.long, device=dev)]  # [R, V]
+            drafts = metadata.draft_token_ids[torch.tensor(didx, dtype=torch.long, device=dev)]
         t = sm.temperature[sel].float()
         if sm.top_k is not None or sm.top_p is not None:
             x, t = truncate_top_k_top_p(x, t, None if sm.top_k is None else sm.top_k[sel],
                                         None if sm.top_p is None else sm.top_p[sel], [n + 1 for n in counts])
-        res = keyed_sample(metadata.draft_token_ids[torch.tensor(didx, dtype=torch.long, device=dev)],
-                           counts, x, t,
-                           torch.tensor([keyed[i][0] for i in rows], dtype=torch.int64, device=dev),
-                           torch.tensor([keyed[i][1] for i in rows], dtype=torch.int64, device=dev),
-                           metadata.max_spec_len, out_dtype=out.dtype)
+        key_pos = torch.tensor([keyed[i] for i in rows], dtype=torch.int64, device=dev)  # [R, 2]
+        res = keyed_sample(drafts, counts, x, t, key_pos[:, 0], key_pos[:, 1], metadata.max_spec_len,
+                           out_dtype=out.dtype)
         out[sel] = res.output_token_ids
         return out
 
