@@ -75,7 +75,10 @@ def serve_bench(port: int, dataset: Path, n: int, concurrency: int, max_tokens: 
         "--dataset-path", str(dataset), "--skip-chat-template", "--custom-output-len", str(max_tokens),
         "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--request-rate", "inf",
         "--ignore-eos", "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl",
-        "--metric-percentiles", "50,99", "--seed", "0", "--disable-tqdm"])
+        "--metric-percentiles", "50,99", "--seed", "0", "--disable-tqdm",
+        # keeps each request's error in the returned dict (vLLM drops the per-request lists without it; it
+        # writes no file unless --save-result): two runs had failures with no reason recorded
+        "--save-detailed"])
     sink = io.StringIO()
     with contextlib.redirect_stdout(sys.stdout if verbose else sink):
         res = main(args)
