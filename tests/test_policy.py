@@ -446,7 +446,8 @@ def test_held_steps_probe_exactly_when_full_decisions_would(B):
     runs = []
     for recheck in (1, 4):
         cfg = PolicyConfig(max_k=4, calibration_steps=1, min_samples=2, zero_recheck_every=recheck,
-                           zero_hold_max=1 if recheck == 1 else 16, probe_every=6, probe_backoff_max=4, explore_every=10 ** 6)
+                           zero_hold_max=1 if recheck == 1 else 16, probe_every=6, probe_backoff_max=4,
+                           explore_every=10 ** 6)
         pol = DraftPolicy(cfg)
         _teach_costs(pol)
         keys = [f"r{i}" for i in range(B)]
