@@ -55,6 +55,11 @@ class PolicyConfig:
     cost_decay: float = 0.99  # per timing sample
     probe_every: int = 16  # steps at 0 drafts before a 1-token probe
     probe_backoff_max: int = 16  # each probe doubles the request's wait, up to this many probe_every
+    # the engine's experience for requests that join: each probe step doubles a new request's first wait (up to
+    # this many probe_every), the chooser drafting for anyone brings it back to probe_every. Without it every
+    # request of a never-right drafter started from probe_every (zero-accept pair, batch 16, 128 tokens: probe
+    # rounds at steps 16, 48 and 112 of each batch, each ~2 plain steps of time on this CPU)
+    new_request_wait_max: int = 4
     # a request the chooser has drafted for in at least `resume_after` steps is probed `resume_wait` steps after
     # it drops to 0 (then the usual doubling): its drafts paid before, so a dip in its acceptance is checked
     # soon instead of after probe_every steps (None: every request waits probe_every)
@@ -93,7 +98,8 @@ class DecayedLeastSquares:
         self.xy = [0.0] * n
         self.count = 0
         self.distinct: set = set()
-        self.coef = [0.0] * n
+        self._coef = [0.0] * n
+        self._dirty = False
 
     def add(self, x: list[float], y: float) -> None:
         d = self.decay
@@ -103,7 +109,21 @@ class DecayedLeastSquares:
                 self.xx[r][c] = d * self.xx[r][c] + x[r] * x[c]
         self.count += 1
         self.distinct.add(tuple(x))
-        self.coef = self._solve()
+        self._dirty = True
+
+    @property
+    def coef(self) -> list[float]:
+        # solved when read: a step held at 0 drafts adds a sample but reads no coefficient (the solve was
+        # ~half of that step's policy time)
+        if self._dirty:
+            self._coef = self._solve()
+            self._dirty = False
+        return self._coef
+
+    @property
+    def last_coef(self) -> list[float]:
+        """The coefficients as last solved (no solve): for checks that a sample's lag does not change."""
+        return self._coef
 
     def _solve(self) -> list[float]:
         n = self.n
@@ -113,7 +133,7 @@ class DecayedLeastSquares:
         for col in range(n):  # Gauss-Jordan with partial pivoting; n <= 3
             piv = max(range(col, n), key=lambda r: abs(a[r][col]))
             if abs(a[piv][col]) < 1e-300:
-                return self.coef
+                return self._coef
             a[col], a[piv] = a[piv], a[col]
             for r in range(n):
                 if r != col:
@@ -148,8 +168,11 @@ class CostModel:
         v0, v1, v2 = self.verify.coef
         return max(v0, 0.0), max(v1, 1e-12), max(v2, 0.0)  # a verified token never costs nothing or less
 
-    def predict_verify(self, tokens: int, drafts: int = 0) -> float:
-        v0, v1, v2 = self.verify_coef()
+    def predict_verify(self, tokens: int, drafts: int = 0, lagged: bool = False) -> float:
+        """lagged: from the coefficients as last solved, without solving (a check that a few samples' lag
+        does not change, made every step)."""
+        v0, v1, v2 = self.verify.last_coef if lagged else self.verify.coef
+        v0, v1, v2 = max(v0, 0.0), max(v1, 1e-12), max(v2, 0.0)
         return v0 + v1 * tokens + (v2 if drafts > 0 else 0.0)
 
     def draft_coef(self) -> tuple[float, float, float]:
@@ -366,19 +389,43 @@ class DraftPolicy:
     _probe_due: int = 0  # the first step at which some request's probe is due (held steps stop there)
     probe_allowance: float = None  # seconds of step time probes may still spend (probe_budget)
     probes_deferred: int = 0  # times due probes were put off until the allowance covers them
+    new_wait: int = 0  # a new request's first wait (new_request_wait_max; 0: probe_every)
+    _unaccrued: tuple = (0, 0)  # (steps, batch size) held by take_held since the allowance was last added
 
     def __post_init__(self):
         self.acceptance = self.acceptance or AcceptanceStats(self.cfg)
         self.costs = self.costs or CostModel(self.cfg)
         self.chosen_hist = self.chosen_hist or [0] * (self.cfg.max_k + 1)
+        self.new_wait = self.new_wait or self.cfg.probe_every
 
     def _accrue(self, B: int) -> None:
+        """This step's probe allowance, and that of the held steps since the last decision (take_held)."""
         b = self.cfg.probe_budget
+        n_held, B_held = self._unaccrued
+        self._unaccrued = (0, 0)
         if b is None:
             return
         inc = b * self.costs.predict_verify(B)  # a plain step's share: what probes are measured against
-        cap = inc * self.cfg.probe_budget_horizon
+        if n_held:
+            inc += n_held * b * self.costs.predict_verify(B_held)
+        cap = b * self.costs.predict_verify(B) * self.cfg.probe_budget_horizon
         self.probe_allowance = min(cap if self.probe_allowance is None else self.probe_allowance + inc, cap)
+
+    def take_held(self, B: int) -> StepDecision:
+        """The next step, for a caller that holds_zero() just answered True for: the held all-zero answer,
+        with the bookkeeping a decision does, in O(1) (no cost model read; the probe allowance of these steps
+        is added at the next decision)."""
+        self.steps += 1
+        return self._held_step(B)
+
+    def _held_step(self, B: int) -> StepDecision:
+        n, _ = self._unaccrued
+        self._unaccrued = (n + 1, B)
+        self.held_zero += 1
+        self.chosen_hist[0] += B
+        self.skipped_rounds += 1
+        self.since_plain = 0
+        return StepDecision([0] * B, "policy", self._zero_answer[2])
 
     def _clip_caps(self, caps) -> list[int]:
         K = self.cfg.max_k
@@ -411,6 +458,8 @@ class DraftPolicy:
             return True
         if age >= self.cfg.zero_hold_max:
             return False
+        if age % self.cfg.zero_recheck_every:
+            return True  # the costs are compared every zero_recheck_every steps (each check solves the model)
         then, now = za[3], self._cost_signature(len(keys))
         return sum(abs(a - b) for a, b in zip(now, then)) <= self.cfg.zero_hold_cost_tol * max(then[0], 1e-9)
 
@@ -432,15 +481,11 @@ class DraftPolicy:
         else:
             za, sig = self._zero_answer, (tuple(keys), tuple(caps), self.observations)
             held = self._held_answer(keys, caps, self.steps)
-            self._accrue(len(keys))
             if held and self.steps < self._probe_due:
                 # nothing the chooser reads has changed and no probe is due: the step costs O(1) Python
                 # beyond building the answer (a zero-accept batch of 64 spends most steps here)
-                self.held_zero += 1
-                self.chosen_hist[0] += len(keys)
-                self.skipped_rounds += 1
-                self.since_plain = 0
-                return StepDecision([0] * len(keys), "policy", za[2])
+                return self._held_step(len(keys))
+            self._accrue(len(keys))
             if held:
                 lengths, rate = [0] * len(caps), za[2]
                 self.held_zero += 1
@@ -454,6 +499,8 @@ class DraftPolicy:
             reason = "policy"
             base = self.cfg.probe_every
             rw = self.cfg.resume_wait
+            if any(lengths):
+                self.new_wait = base  # drafting pays for someone: new requests probe after probe_every again
             for i, key in enumerate(keys):
                 if lengths[i] > 0:  # the chooser drafts for it: probes start over when it stops
                     n = self.drafted[key] = self.drafted.get(key, 0) + 1
@@ -463,7 +510,10 @@ class DraftPolicy:
                         self.wait.pop(key, None)
             s = self.steps
             for key in keys:
-                self.last.setdefault(key, s - 1)
+                if key not in self.last:
+                    self.last[key] = s - 1
+                    if self.new_wait > base:
+                        self.wait.setdefault(key, self.new_wait)
             # idle: steps at 0 drafts since the request last drafted
             zero = [i for i, key in enumerate(keys) if lengths[i] == 0 and caps[i] > 0]
             if any(s - 1 - self.last[keys[i]] >= self.wait.get(keys[i], base) for i in zero):
@@ -498,6 +548,8 @@ class DraftPolicy:
                     reason = "probe"
                     self.probes += 1
                     self.wait[key] = min(2 * w, base * self.cfg.probe_backoff_max)
+                if n:
+                    self.new_wait = min(2 * self.new_wait, base * self.cfg.new_request_wait_max)
         s = self.steps
         for key, k in zip(keys, lengths):
             if k > 0:

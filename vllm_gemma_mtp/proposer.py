@@ -346,10 +346,9 @@ class GemmaMTPProposer(_Base):
         self._deferred = None
         req_ids = list(keys)
         self._observe_step(req_ids, t0, num_tokens, 0)
-        dec = pol.decide(req_ids, self._cap_list)
+        dec = pol.take_held(len(req_ids))  # the cost gauges stay as the last decision left them
         st.decisions[dec.reason] = st.decisions.get(dec.reason, 0) + 1
         st.held_fast += 1
-        self._report_costs(dec.lengths, self.num_speculative_tokens)
         self.counters.record(dec.lengths)
         st.skipped_rounds += 1
         self._last_start, self._last_draft = t0, 0.0
@@ -375,7 +374,7 @@ class GemmaMTPProposer(_Base):
             ok = dt < 2.0 and num_tokens <= len(req_ids) + verified
             if ok and pol.costs.ready():
                 # an idle gap between calls is no step cost
-                ok = dt < 10 * pol.costs.predict_verify(num_tokens, drafts) + 0.05
+                ok = dt < 10 * pol.costs.predict_verify(num_tokens, drafts, lagged=True) + 0.05
             if ok:
                 pol.costs.observe_verify(num_tokens, dt, drafts)
 
