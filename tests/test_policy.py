@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vllm_gemma_mtp.policy import (AcceptanceStats, CostModel, DecayedLeastSquares, DraftPolicy, PolicyConfig,
-                                   choose_draft_lengths)
+                                   choose_closed_batch, choose_draft_lengths)
 
 GPU = dict(verify=(10e-3, 2e-6), draft=(0.3e-3, 0.2e-3, 1e-6))  # verifying K+1 tokens costs ~ 1 token
 CPU = dict(verify=(4e-3, 0.6e-3), draft=(0.1e-3, 0.15e-3, 0.05e-3))  # every verified token costs
@@ -589,3 +589,92 @@ def test_a_request_that_drafted_and_dipped_is_probed_soon():
     # drafted for in fewer than resume_after steps: probe_every
     last_short, probes_short = _dip(PolicyConfig(**base, resume_after=20), accept_until=3)
     assert last_short is not None and last_short < 20 and probes_short[0] == last_short + 17, (last_short, probes_short)
+
+
+def _brute_closed(rates, caps, remaining, verify, draft, K, round_len):
+    """Every draft-length vector whose drafting requests all draft the longest draft (capped): the smallest
+    (steps until the last request ends) x (step time)."""
+    v0, v1, v2 = verify
+    d0, d1, d2 = draft
+    best = None
+    for ks in itertools.product(*(range(min(c, K) + 1) for c in caps)):
+        c = max(ks)
+        if any(0 < k != min(c, cap) for k, cap in zip(ks, caps)):
+            continue  # every request that drafts drafts the longest (its cap permitting)
+        g = []
+        for r, k in zip(rates, ks):
+            e, p = 1.0, 1.0
+            for j in range(k):
+                p *= r[j]
+                e += p
+            g.append(e)
+        M = max(max(R, 1) / x for R, x in zip(remaining, g))
+        c = max(ks)
+        L = round_len or c
+        t = v0 + v1 * (len(ks) + sum(ks)) + ((v2 + max(d0 + d1 * L + d2 * sum(1 for k in ks if k) * L, 0.0))
+                                            if c else 0.0)
+        if best is None or M * t < best[0] * (1 - 1e-12):
+            best = (M * t, list(ks))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_closed_batch_choice_ends_the_batch_soonest(seed):
+    """choose_closed_batch against every draft-length vector of its family (B <= 4, K <= 3; drafting requests at
+    the longest draft): no longer to the end of the batch, within rounding, and its rate no higher than that
+    time gives."""
+    rnd = random.Random(seed)
+    K, B = rnd.choice([2, 3]), rnd.choice([2, 3, 4])
+    rates = [[rnd.choice([0.0, 0.3, 0.6, 0.9, 1.0]) for _ in range(K)] for _ in range(B)]
+    caps = [rnd.choice([0, K, K, K, 1]) for _ in range(B)]
+    remaining = [rnd.choice([1, 10, 40, 100]) for _ in range(B)]
+    verify = (rnd.uniform(1e-3, 10e-3), rnd.uniform(1e-6, 1e-4), rnd.choice([0.0, 1e-3, 3e-3]))
+    draft = (rnd.uniform(0, 1e-3), rnd.uniform(1e-4, 1e-3), rnd.uniform(0, 1e-4))
+    round_len = rnd.choice([None, K])
+    ks, rate = choose_closed_batch(rates, caps, remaining, verify, draft, K, round_len)
+    want, _ = _brute_closed(rates, caps, remaining, verify, draft, K, round_len)
+    assert all(0 <= k <= c for k, c in zip(ks, caps))
+    assert _time_of(rates, ks, remaining, verify, draft, K, round_len) <= want * (1 + 1e-9), (ks, want)
+    mine = _time_of(rates, ks, remaining, verify, draft, K, round_len)
+    assert rate <= sum(max(R, 1) for R in remaining) / mine * (1 + 1e-9)
+    assert rate >= sum(max(R, 1) for R in remaining) / want * (1 - 1e-9) or not any(ks)
+
+
+def _time_of(rates, ks, remaining, verify, draft, K, round_len):
+    v0, v1, v2 = verify
+    d0, d1, d2 = draft
+    g = []
+    for r, k in zip(rates, ks):
+        e, p = 1.0, 1.0
+        for j in range(k):
+            p *= r[j]
+            e += p
+        g.append(e)
+    M = max(max(R, 1) / x for R, x in zip(remaining, g))
+    c = max(ks)
+    L = round_len or c
+    return M * (v0 + v1 * (len(ks) + sum(ks)) + ((v2 + max(d0 + d1 * L + d2 * sum(1 for k in ks if k) * L, 0.0))
+                                                 if c else 0.0))
+
+
+def test_a_closed_batch_drafts_only_where_it_brings_the_end_forward():
+    """This CPU's batch-16 costs, a closed batch of 100 tokens each: fourteen requests accept 0.95 a position,
+    two 0.6. Drafting cannot speed the two up enough (K=4: 2.3 tokens a step) for the step time it costs
+    everyone (~3.2 plain steps), so nobody drafts; a batch that all accepts well drafts; the fourteen draft,
+    alone, once the two are far enough ahead to end first at plain speed; two with speculation off (cap 0)
+    end after 100 steps whatever the rest do, so the rest do not draft either."""
+    K, B = 4, 16
+    verify, draft = (4.4e-3, 4e-5, 2e-3), (1.4e-4, 5.7e-4, 6.8e-5)  # trained pair, batch 16 (this machine)
+    rates = [[0.6] * K if i < 2 else [0.95] * K for i in range(B)]
+
+    def choose(r, remaining, caps=(K,) * B):
+        return choose_closed_batch(r, list(caps), remaining, verify, draft, K, K)[0]
+
+    assert choose(rates, [100] * B) == [0] * B
+    assert choose([[0.95] * K] * B, [100] * B) == [K] * B
+    assert choose(rates, [15, 15] + [100] * 14) == [0, 0] + [K] * 14
+    assert choose(rates, [100] * B, [0, 0] + [K] * 14) == [0] * B
+    # the same slow two in an open batch (every token counts alike): K=4 would not pay for them either, and the
+    # slowdown guard keeps the rest from drafting past them
+    assert choose_draft_lengths(rates, [K] * B, verify, draft, K, K, 0.05)[0] == [0] * B
+

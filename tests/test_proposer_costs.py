@@ -20,6 +20,7 @@ def _bare_proposer(keys):
     p._keys, p._cap_list = tuple(keys), [4] * len(keys)
     p._row = {r: i for i, r in enumerate(keys)}
     p._pending, p._last_end, p._last_start, p._last_draft = {}, 0.0, 0.0, 0.0
+    p.waiting, p._joined, p._limit, p._last_arrival = None, {r: 0 for r in keys}, {}, 0
     return p
 
 
@@ -93,3 +94,27 @@ def test_held_zero_steps_are_answered_early_and_counted_as_any_step():
     assert p.held_zero_drafts(_Runner(keys[::-1]), 4) is None  # the batch reordered
     p._pending = {"a": (9, 1)}
     assert p.held_zero_drafts(runner, 4) is None  # someone drafted last step: acceptance to learn
+
+
+def test_a_batch_is_closed_when_nothing_waits_and_nobody_joined_lately():
+    """What the proposer tells the policy (remaining tokens, or None for "every token counts alike"): an
+    offline batch that started together is closed from its first step; requests waiting for a place, or a
+    request that joined within the last half of the batch's mean age (a stream of requests), open it."""
+    keys = ["a", "b", "c"]
+    p = _bare_proposer(keys)
+    p._limit = {"a": 60, "b": 60, "c": 40}  # prompt + max_tokens
+    P = [20, 30, 20]  # last accepted positions: 22, 32 and 22 tokens so far
+    assert p._remaining_if_closed(keys, P) is None  # the scheduler's count not known: open
+    p.waiting = 2
+    assert p._remaining_if_closed(keys, P) is None
+    p.waiting = 0
+    assert p._remaining_if_closed(keys, P) == [38, 28, 18]
+    assert p._remaining_if_closed(["a"], [20]) is None  # one request: both objectives are the same
+    p.stats.steps = 100  # a, b, c joined at step 0; d joins now
+    p._joined["d"] = p._last_arrival = 100
+    p._limit["d"] = 80
+    assert p._remaining_if_closed(keys + ["d"], P + [30]) is None
+    p.stats.steps = 150  # 50 steps without arrivals, mean age (150 * 3 + 50) / 4 = 125: still open
+    assert p._remaining_if_closed(keys + ["d"], P + [30]) is None
+    p.stats.steps = 250  # 150 steps without, mean age 225: closed
+    assert p._remaining_if_closed(keys + ["d"], P + [30]) == [38, 28, 18, 48]

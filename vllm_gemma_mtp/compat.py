@@ -169,6 +169,39 @@ def request_extra_args(runner, req_id):
     return getattr(sp, "extra_args", None)
 
 
+def request_token_limit(runner, req_id, max_model_len: int) -> int:
+    """The length (prompt + output tokens) at which a running request stops at the latest: its max_tokens,
+    or the model's length limit (V1 runner's request states, 0.26-0.33)."""
+    state = runner.requests.get(req_id) if runner is not None else None
+    prompt = getattr(state, "num_prompt_tokens", None)
+    mt = getattr(getattr(state, "sampling_params", None), "max_tokens", None)
+    if prompt is None or mt is None:
+        return max_model_len
+    return prompt + min(int(mt), max_model_len - prompt)
+
+
+def patch_waiting_count() -> None:
+    """Each SchedulerOutput carries how many requests wait for a place in the batch (`gemma_mtp_waiting`), so
+    the draft-length policy knows whether a request that finishes sooner makes room for another (0.32/0.33:
+    Scheduler.get_request_counts). The output reaches the workers pickled, its instance attributes with it."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    orig = Scheduler.schedule
+    if getattr(orig, "_gemma_mtp_wrapped", False) or not hasattr(Scheduler, "get_request_counts"):
+        return
+
+    def schedule(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        try:
+            out.gemma_mtp_waiting = int(self.get_request_counts()[1])
+        except (AttributeError, TypeError):
+            pass
+        return out
+
+    schedule._gemma_mtp_wrapped = True
+    Scheduler.schedule = schedule
+
+
 def bind_rejection_sampler(runner) -> None:
     """Give the runner's rejection sampler (ours, when installed) the runner, whose input batch knows each
     request's sequence position (sampler.py's keyed sampling of seeded requests). 0.26/0.32/0.33: the
@@ -457,6 +490,8 @@ def patch_held_zero_steps() -> None:
         meta = kw["spec_decode_metadata"] if "spec_decode_metadata" in kw else (
             a[i_meta - 1] if len(a) >= i_meta else _NOT_SENT)
         drafter = getattr(self, "drafter", None)
+        if getattr(drafter, "plugin_name", None) == "vllm-gemma-mtp":
+            drafter.waiting = getattr(scheduler_output, "gemma_mtp_waiting", None)
         if (meta is None and getattr(drafter, "plugin_name", None) == "vllm-gemma-mtp"
                 and getattr(self, "valid_sampled_token_count_event", None) is None
                 and not uses_async_scheduling(self)):

@@ -171,6 +171,7 @@ def install() -> None:
     compat.patch_request_validation(controls.validate)
     compat.route_gemma4_mtp_to_v1_runner(current_options)
     compat.patch_metrics_transport()
+    compat.patch_waiting_count()
     compat.patch_drafts_with_output()
     compat.on_v1_runner_import(_install_runner_hooks)
 

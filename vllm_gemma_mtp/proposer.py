@@ -65,7 +65,8 @@ class ProposerStats:
         if pol is None:
             return None
         return {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds, "probes": pol.probes,
-                "probes_deferred": pol.probes_deferred, "held_zero": pol.held_zero, **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
+                "probes_deferred": pol.probes_deferred, "held_zero": pol.held_zero,
+                "closed_decisions": pol.closed_decisions, **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
@@ -106,6 +107,10 @@ class GemmaMTPProposer(_Base):
         self._last_end: float | None = None  # perf_counter at the end of the previous propose
         self._last_start = 0.0  # ... at its start
         self._last_draft = 0.0  # seconds its draft round took (0 when none ran)
+        self.waiting = None  # requests waiting for a place (the scheduler's, per step; None: not known)
+        self._joined: dict = {}  # req_id -> the step it joined the batch
+        self._limit: dict = {}  # req_id -> the length it stops at, at the latest (prompt + max_tokens)
+        self._last_arrival = 0  # the step the newest request joined
 
     # ---- lifecycle hooks called by the runner ---------------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -394,7 +399,8 @@ class GemmaMTPProposer(_Base):
         caps = self._cap_list
         self.stats.source = pol  # tests and bisecting swap the policy
         probes_before, deferred_before = pol.probes, pol.probes_deferred
-        dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None)
+        dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None,
+                         remaining=self._remaining_if_closed(req_ids, P_host))
         if self.tp_size > 1:
             # every rank must run the same draft round (its all-reduces are collectives), but each rank times
             # its own steps: rank 0's choice is everyone's
@@ -406,6 +412,22 @@ class GemmaMTPProposer(_Base):
         self.counters.probes_deferred += pol.probes_deferred - deferred_before
         self._report_costs(dec.lengths, k)
         return dec.lengths
+
+    def _remaining_if_closed(self, req_ids, P_host) -> list[int] | None:
+        """Each request's tokens still to come (at most) when the batch is closed, else None (policy.decide).
+        Closed: nobody waits for a place (the scheduler says so) and no request joined in the last half of
+        the batch's mean age. A batch that started together (an offline batch, a benchmark) is closed from its
+        first step; under a steady stream of requests - clients that send the next when one ends, as in an
+        online benchmark at concurrency >= 3 - someone joined recently, and every token counts."""
+        if self.waiting != 0 or len(req_ids) < 2:
+            return None
+        now = self.stats.steps
+        joined = self._joined
+        age = sum(now - joined.get(r, now) for r in req_ids) / len(req_ids)
+        if now - self._last_arrival < 0.5 * age:
+            return None
+        lim = self._limit
+        return [max(lim.get(r, p + 2) - p - 2, 0) for r, p in zip(req_ids, P_host)]
 
     def _report_costs(self, lengths, k) -> None:
         pol = self.policy
@@ -422,7 +444,13 @@ class GemmaMTPProposer(_Base):
         for r in gone:
             self._pending.pop(r, None)
             self._caps.pop(r, None)
+            self._joined.pop(r, None)
+            self._limit.pop(r, None)
+        mml = int(self.vllm_config.model_config.max_model_len)
         for r in keys:
+            if r not in self._joined:
+                self._joined[r] = self._last_arrival = self.stats.steps
+                self._limit[r] = compat.request_token_limit(self.runner, r, mml)
             if r not in self._caps:
                 # seeded requests need no rule here: the sampler draws their tokens by sequence position
                 # (sampler.py), so they reproduce under any draft lengths the policy gives them
