@@ -81,7 +81,7 @@ def test_optimal_against_brute_force(seed):
     def value(v):
         e = B + sum(sum(_prod(rates[i][:j + 1]) for j in range(k)) for i, k in enumerate(v))
         c, rows = max(v), sum(1 for k in v if k > 0)
-        L = round_len or c
+        L = c if (not round_len or c == 1) else round_len
         t = verify[0] + verify[1] * (B + sum(v)) + ((verify[2] + draft[0] + draft[1] * L + draft[2] * rows * L)
                                                     if c else 0)
         return e / t
@@ -106,7 +106,7 @@ def test_batch_one_fast_path_against_brute_force(seed):
     full = [min(max(x, 0.0), 1.0) for x in rate] + [0.0] * K
 
     def value(k):
-        L = round_len or k
+        L = k if (not round_len or k == 1) else round_len
         t = verify[0] + verify[1] * (1 + k) + ((verify[2] + max(draft[0] + draft[1] * L + draft[2] * L, 0.0))
                                                if k else 0.0)
         return (1 + sum(_prod(full[:j + 1]) for j in range(k))) / t
@@ -256,7 +256,8 @@ def _run_never_right(cfg, verify, draft, B=16, life=128, steps=2000, round_len=4
         d = pol.decide(keys, [4] * B, round_len=round_len)
         n, rows = sum(d.lengths), B - d.lengths.count(0)
         t_verify = v0 + v1 * (B + n) + (v2 if n else 0.0)
-        t_draft = d0 + d1 * round_len + d2 * rows * round_len if n else 0.0
+        L = 1 if max(d.lengths) == 1 else round_len  # a 1-token round runs the one-step graph
+        t_draft = d0 + d1 * L + d2 * rows * L if n else 0.0
         pol.costs.observe_verify(B + n, t_verify, n)
         if n:
             pol.costs.observe_draft(rows, round_len, t_draft)
@@ -276,12 +277,12 @@ def test_probes_stay_within_their_budget_where_they_are_dear():
     they still run, coalesced."""
     verify, draft = (7e-3, 5e-5, 3e-3), (2e-4, 7e-4, 1.1e-4)  # this machine's batch-16 fit (README)
     # without the budget, and with every new request starting from probe_every, probes cost more than the 3%
-    # the goals allow; the engine's backoff for new requests alone brings that down, not to the budget
+    # the goals allow; the engine's backoff for new requests alone brings that down
     free, free_steps = _run_never_right(PolicyConfig(max_k=4, probe_budget=None, new_request_wait_max=1),
                                         verify, draft)
     assert free > 0.04, free
     free_new, _ = _run_never_right(PolicyConfig(max_k=4, probe_budget=None), verify, draft)
-    assert 0.02 < free_new < 0.8 * free, (free_new, free)
+    assert free_new < 0.8 * free, (free_new, free)
     cfg = PolicyConfig(max_k=4, probe_budget=0.02)
     held, held_steps = _run_never_right(cfg, verify, draft)
     assert 0.0 < held <= cfg.probe_budget * 1.05, held
@@ -385,7 +386,7 @@ def _request_rates(rates, ks, verify, draft, round_len):
     B = len(rates)
     cum = [1 + sum(_prod(r[:j + 1]) for j in range(k)) for r, k in zip(rates, ks)]
     c, rows = max(ks), sum(1 for k in ks if k)
-    L = round_len or c
+    L = c if (not round_len or c == 1) else round_len
     t = verify[0] + verify[1] * (B + sum(ks)) + ((verify[2] + draft[0] + draft[1] * L + draft[2] * rows * L)
                                                  if c else 0)
     return [e / t for e in cum], 1 / (verify[0] + verify[1] * B)
@@ -610,7 +611,7 @@ def _brute_closed(rates, caps, remaining, verify, draft, K, round_len):
             g.append(e)
         M = max(max(R, 1) / x for R, x in zip(remaining, g))
         c = max(ks)
-        L = round_len or c
+        L = c if (not round_len or c == 1) else round_len
         t = v0 + v1 * (len(ks) + sum(ks)) + ((v2 + max(d0 + d1 * L + d2 * sum(1 for k in ks if k) * L, 0.0))
                                             if c else 0.0)
         if best is None or M * t < best[0] * (1 - 1e-12):
@@ -652,7 +653,7 @@ def _time_of(rates, ks, remaining, verify, draft, K, round_len):
         g.append(e)
     M = max(max(R, 1) / x for R, x in zip(remaining, g))
     c = max(ks)
-    L = round_len or c
+    L = c if (not round_len or c == 1) else round_len
     return M * (v0 + v1 * (len(ks) + sum(ks)) + ((v2 + max(d0 + d1 * L + d2 * sum(1 for k in ks if k) * L, 0.0))
                                                  if c else 0.0))
 

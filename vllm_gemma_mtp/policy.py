@@ -182,12 +182,12 @@ class CostModel:
 
     def predict_step(self, lengths: list, round_len: int | None = None) -> float:
         """Seconds of a step whose requests draft `lengths` [B]: verify plus the draft round (a compiled round
-        always runs round_len steps)."""
+        runs round_len steps for any longest draft above 1; a 1-token round has a one-step graph of its own)."""
         n = sum(lengths)
         t = self.predict_verify(len(lengths) + n, n)
         if n:
             d0, d1, d2 = self.draft_coef()
-            L = round_len or max(lengths)
+            L = max(lengths) if (not round_len or max(lengths) == 1) else round_len
             t += max(d0 + d1 * L + d2 * (len(lengths) - lengths.count(0)) * L, 0.0)
         return t
 
@@ -284,7 +284,7 @@ def choose_closed_batch(rates: list[list[float]], caps: list[int], remaining: li
         n = k.sum(-1)
         c = k.max(-1)
         rows = (k > 0).sum(-1)
-        L = round_len if round_len else c
+        L = np.where(c <= 1, c, round_len) if round_len else c
         t = v0 + v1 * (B + n)
         return t + np.where(c > 0, v2 + np.maximum(d0 + d1 * L + d2 * rows * L, 0.0), 0.0)
 
@@ -326,8 +326,8 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
     rates[i][j]: conditional acceptance of request i at draft position j+1; caps[i]: its limit;
     verify = (v0, v1[, v2]): v0 + v1 * tokens seconds, + v2 when anyone drafts; draft = (d0, d1, d2):
     d0 + d1 * c + d2 * rows * c seconds for a round of longest draft c over `rows` drafting requests.
-    round_len: the round always runs that many steps whatever c is (a compiled round), so its cost does not
-    shrink with c."""
+    round_len: a round whose longest draft c is above 1 runs that many steps whatever c is (a compiled round),
+    so its cost does not shrink with c; a 1-token round (probes) runs one step (its own compiled graph)."""
     B = len(rates)
     if B == 0:
         return [], 0.0
@@ -349,7 +349,7 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
     def evaluate(ks):
         e = B + cum[np.arange(B), ks].sum()
         c, rows = int(ks.max()), int((ks > 0).sum())
-        L = round_len or c
+        L = c if (not round_len or c == 1) else round_len
         t = v0 + v1 * (B + int(ks.sum())) + (v2 + max(d0 + d1 * L + d2 * rows * L, 0.0) if c > 0 and rows else 0.0)
         return e / t if t > 0 else math.inf
 
@@ -358,7 +358,7 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
     # Bound first (most steps of a poor drafter end here, in a few microseconds): no drafting choice can
     # emit more than every request at its cap, nor cost less than one draft token of one request.
     e_max = B + cum[np.arange(B), caps_a].sum()
-    lens = [round_len] if round_len else range(1, max_k + 1)
+    lens = sorted({1, round_len}) if round_len else range(1, max_k + 1)
     t_min = v0 + v1 * (B + 1) + v2 + min(max(d0 + d1 * L + d2 * L, 0.0) for L in lens)
     if caps_a.max(initial=0) == 0 or (t_min > 0 and e_max / t_min <= best):
         return [0] * B, best
@@ -379,7 +379,7 @@ def choose_draft_lengths(rates: list[list[float]], caps: list[int], verify: tupl
         best_feasible, best_feasible_ks = best, best_ks
     per_c = []  # the optimum for each longest draft c
     for c in range(1, max_k + 1):
-        L = round_len or c
+        L = c if (not round_len or c == 1) else round_len
         ok = allowed & (ks_all[None, :] <= c)
         cost = v1 * ks_all + np.where(ks_all > 0, d2 * L, 0.0)  # [K+1] per-request cost of k drafts
         lam, ks = best, None
@@ -418,7 +418,7 @@ def _choose_one(rate: list[float], cap: int, verify, draft, max_k: int,
         if k:
             p *= min(max(float(rate[k - 1]) if k - 1 < len(rate) else 0.0, 0.0), 1.0)
             e += p
-        L = round_len or k
+        L = k if (not round_len or k == 1) else round_len
         t = v0 + v1 * (1 + k) + ((v2 + max(d0 + d1 * L + d2 * L, 0.0)) if k else 0.0)
         r = e / t if t > 0 else math.inf
         if best is None or r > best * (1 + 1e-12):  # the smaller k on ties, as the batch path

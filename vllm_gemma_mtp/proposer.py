@@ -174,8 +174,10 @@ class GemmaMTPProposer(_Base):
         fn = torch.compile(draft_greedy, dynamic=True, options=options)
         d, spec = self.drafter, self.drafter.spec
         dt = d.pre_projection.weight.dtype
+        K = self.num_speculative_tokens
+        lens = (K, 1) if self.policy is not None and K > 1 else (K,)  # adaptive: 1-token rounds (probes) too
         with torch.inference_mode():  # the runner drafts under inference mode: guards see its tensors
-            for B in (2, 1):
+            for B, L in [(B, L) for L in lens for B in (2, 1)]:
                 kv, mask = {}, {}
                 for lt in set(spec.layer_types):
                     g = d.layers[spec.layer_types.index(lt)]  # this rank's KV heads (all at TP=1)
@@ -194,7 +196,7 @@ class GemmaMTPProposer(_Base):
                     for t in args:
                         torch._dynamo.mark_dynamic(t, 0)
                 scales = ({lt: torch.ones(2, device=self.device) for lt in kv} if self.kv.quantized else None)
-                fn(d, self.target_embed, args[0], args[1], args[2], kv, mask, self.num_speculative_tokens, scales)
+                fn(d, self.target_embed, args[0], args[1], args[2], kv, mask, L, scales)
         logger.info("vllm-gemma-mtp: compiled the draft round in %.1f s", time.perf_counter() - t0)
         return fn
 
@@ -286,8 +288,12 @@ class GemmaMTPProposer(_Base):
                 return self._ragged(None, lengths, B, k)
             if min(lengths) == 0:
                 rows = torch.tensor([i for i, n in enumerate(lengths) if n > 0], device=self.device)
-        # a compiled round is traced for one K: it drafts k and the lists are cut; an eager one drafts the max
-        kk = k if (self.stats.compiled or self.policy is None) else max(lengths)
+        # a compiled round is traced for K and, with adaptive lengths, for 1 (probes: a 16-row 1-token probe at
+        # full K cost ~2.5 plain steps on a 2-core CPU): it drafts one of those and the lists are cut; an eager
+        # round drafts the max
+        kk = max(lengths) if self.policy is not None else k
+        if self.stats.compiled and kk > 1:
+            kk = k
         hidden = target_hidden_states[idx]  # [B, H_t], post-norm, at the last accepted position P
         first = self._next_token_ids(next_token_ids)[:B].long()
         if rows is not None:
