@@ -59,7 +59,8 @@ class PolicyConfig:
     # this many probe_every), a probe that the chooser follows with drafts brings it back to probe_every (the
     # chooser drafting for other reasons - the last request of a batch, alone - does not). Without it every
     # request of a never-right drafter started from probe_every (zero-accept pair, batch 16, 128 tokens: probe
-    # rounds at steps 16, 48 and 112 of each batch, each ~2 plain steps of time on this CPU)
+    # rounds at steps 16, 48 and 112 of each batch, each ~2 plain steps of time on this CPU; with a cap of 4, one
+    # per batch of 128 steps, ~1.4 % of the time at batch 16)
     new_request_wait_max: int = 4
     # a request the chooser has drafted for in at least `resume_after` steps is probed `resume_wait` steps after
     # it drops to 0 (then the usual doubling): its drafts paid before, so a dip in its acceptance is checked
@@ -76,9 +77,11 @@ class PolicyConfig:
     # zero_hold_max steps, or after zero_recheck_every steps once the cost model's prediction for the batch
     # has moved by more than zero_hold_cost_tol of a plain step. A recheck runs the chooser and vLLM's propose
     # path (~0.35 ms at batch 4 on this CPU, trained pair, half the batch seeded); with a fixed 4-step period
-    # that was 28 % of the steps of a batch held at 0
+    # that was 28 % of the steps of a batch held at 0, and with a 16-step hold still ~1 % of a plain step at
+    # batch 16 (a recheck ~0.6 ms; zero-accept pair, this CPU); the cost comparison every 4 steps is what
+    # catches a change, so the hold may be long
     zero_recheck_every: int = 4
-    zero_hold_max: int = 16
+    zero_hold_max: int = 64
     zero_hold_cost_tol: float = 0.05
     min_samples: int = 8
     # probes may cost at most this fraction of step time (None: no limit). A probe step runs a draft round the

@@ -404,7 +404,7 @@ class GemmaMTPProposer(_Base):
                     pol.observe(r, n, P_host[i] - p0 - 1)
         caps = self._cap_list
         self.stats.source = pol  # tests and bisecting swap the policy
-        probes_before, deferred_before = pol.probes, pol.probes_deferred
+        probes_before, deferred_before, closed_before = pol.probes, pol.probes_deferred, pol.closed_decisions
         dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None,
                          remaining=self._remaining_if_closed(req_ids, P_host))
         if self.tp_size > 1:
@@ -416,6 +416,7 @@ class GemmaMTPProposer(_Base):
                          if any(dec.lengths) else {})
         self.counters.probes += pol.probes - probes_before
         self.counters.probes_deferred += pol.probes_deferred - deferred_before
+        self.counters.closed_decisions += pol.closed_decisions - closed_before
         self._report_costs(dec.lengths, k)
         return dec.lengths
 
