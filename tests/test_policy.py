@@ -679,3 +679,31 @@ def test_a_closed_batch_drafts_only_where_it_brings_the_end_forward():
     # slowdown guard keeps the rest from drafting past them
     assert choose_draft_lengths(rates, [K] * B, verify, draft, K, K, 0.05)[0] == [0] * B
 
+
+
+def test_a_batch_far_from_the_last_timed_draft_drafts_once_at_full_length():
+    """An all-zero answer at a batch size 2x or more away from the last multi-token draft's becomes one full-K
+    step (reason "remeasure"), so the cost model times drafting at this size; not again while the size stays
+    within 2x of it, and never for requests with speculation off."""
+    K = 4
+    cfg = PolicyConfig(max_k=K, calibration_steps=1, min_samples=2, probe_every=10 ** 6, explore_every=10 ** 6)
+    pol = DraftPolicy(cfg)
+    _teach_costs(pol)  # drafting useless unless acceptance is high
+    pol.decide(["a"], [K])  # calibration
+    pol.spec_batch = 1  # batch 1 drafted K before
+    for k in "abcd":
+        pol.observe(k, 4, 0)  # never right: the chooser keeps everyone at 0
+    keys = list("abcd")
+    d = pol.decide(keys, [K] * 4)
+    assert d.reason == "remeasure" and d.lengths == [K] * 4 and pol.remeasures == 1
+    assert pol.spec_batch == 4
+    assert [pol.decide(keys, [K] * 4).lengths for _ in range(5)] == [[0] * 4] * 5
+    assert pol.decide(keys[:3], [K] * 3).lengths == [0] * 3  # 3 is within 2x of 4
+    assert pol.decide(keys[:2], [0, 0]).lengths == [0, 0]  # 2 is 2x away, but nobody may draft
+    d = pol.decide(keys[:2], [K, 1])
+    assert d.reason == "remeasure" and d.lengths == [K, 1] and pol.remeasures == 2
+    off = DraftPolicy(PolicyConfig(max_k=K, calibration_steps=1, min_samples=2, remeasure_factor=None))
+    _teach_costs(off)
+    off.decide(["a"], [K])
+    off.spec_batch = 1
+    assert off.decide(keys, [K] * 4).reason != "remeasure"

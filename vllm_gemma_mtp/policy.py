@@ -17,6 +17,11 @@ For a fixed longest draft c, E/T is maximised by Dinkelbach's iteration: with
 lambda = E/T, each request takes the k <= c that maximises sum_{j<=k} P_ij - lambda * (v1 * k + d2 * c [k > 0]);
 every c in 0..K is tried and the best ratio wins (exact: tests/test_policy.py checks it against brute force).
 
+Closed batches: when the caller says nothing waits for a place and the batch is not being refilled (it passes
+each request's remaining tokens), a request that ends sooner makes room for nobody and the batch lasts as long
+as its slowest request; choose_closed_batch then minimises (steps until the last request ends) x (step time)
+instead of the step's rate.
+
 Acceptance: per request, decayed counts of accepted/tried per position, shrunk toward the engine-wide
 rates (themselves decayed counts over all requests), so a new request starts from what the engine has seen.
 
@@ -62,6 +67,9 @@ class PolicyConfig:
     # rounds at steps 16, 48 and 112 of each batch, each ~2 plain steps of time on this CPU; with a cap of 4, one
     # per batch of 128 steps, ~1.4 % of the time at batch 16)
     new_request_wait_max: int = 4
+    # an all-zero answer at a batch size this many times larger or smaller than the last multi-token draft's
+    # runs one full-length step instead, so the cost model sees drafting at this size (None: never)
+    remeasure_factor: int | None = 2
     # a request the chooser has drafted for in at least `resume_after` steps is probed `resume_wait` steps after
     # it drops to 0 (then the usual doubling): its drafts paid before, so a dip in its acceptance is checked
     # soon instead of after probe_every steps (None: every request waits probe_every)
@@ -432,7 +440,7 @@ def _choose_one(rate: list[float], cap: int, verify, draft, max_k: int,
 @dataclass
 class StepDecision:
     lengths: list  # [B] draft length per request
-    reason: str  # "calibration", "policy", "fixed", "probe"
+    reason: str  # "calibration", "policy", "explore", "probe", "remeasure", "scripted"
     expected_rate: float = 0.0
 
 
@@ -458,6 +466,8 @@ class DraftPolicy:
     _probe_due: int = 0  # the first step at which some request's probe is due (held steps stop there)
     probe_allowance: float = None  # seconds of step time probes may still spend (probe_budget)
     probes_deferred: int = 0  # times due probes were put off until the allowance covers them
+    spec_batch: int = 0  # batch size of the latest step with a multi-token draft (the cost model's last look)
+    remeasures: int = 0  # full-length steps run because the batch size moved far from spec_batch
     closed_decisions: int = 0  # chooser runs that valued progress by when a closed batch ends
     probed: dict = field(default_factory=dict)  # request -> the step of its last probe
     new_wait: int = 0  # a new request's first wait (new_request_wait_max; 0: probe_every)
@@ -631,7 +641,21 @@ class DraftPolicy:
                     self.wait[key] = min(2 * w, base * self.cfg.probe_backoff_max)
                 if n:
                     self.new_wait = min(2 * self.new_wait, base * self.cfg.new_request_wait_max)
+            B, sb, f = len(keys), self.spec_batch, self.cfg.remeasure_factor
+            if (f and sb and not any(lengths) and (B >= f * sb or B * f <= sb)
+                    and max(caps, default=0) > 1):
+                # the batch size moved far from where a multi-token draft was last timed: the fit's split of a
+                # drafting step's cost between its tokens and its fixed part is an extrapolation here (after
+                # batch 1, where a step either drafts K or nothing, it put a draft token at 0.38 ms against
+                # 0.04 measured, and a batch of 4 stayed plain for 375 steps where K=4 gives 1.48x). One step
+                # at full length measures it
+                lengths = [min(K, c) for c in caps]
+                reason = "remeasure"
+                self.remeasures += 1
+                self._zero_answer = None
         s = self.steps
+        if max(lengths, default=0) > 1:
+            self.spec_batch = len(keys)
         for key, k in zip(keys, lengths):
             if k > 0:
                 self.last[key] = s
