@@ -694,16 +694,22 @@ def test_a_batch_far_from_the_last_timed_draft_drafts_once_at_full_length():
     for k in "abcd":
         pol.observe(k, 4, 0)  # never right: the chooser keeps everyone at 0
     keys = list("abcd")
+    # a batch filling up (one request more each step) is not a move: it must stand for remeasure_after steps
+    for n in (1, 2, 3):
+        assert pol.decide(keys[:n], [K] * n).lengths == [0] * n
+    for _ in range(cfg.remeasure_after):
+        assert pol.decide(keys, [K] * 4).lengths == [0] * 4
     d = pol.decide(keys, [K] * 4)
     assert d.reason == "remeasure" and d.lengths == [K] * 4 and pol.remeasures == 1
     assert pol.spec_batch == 4
     assert [pol.decide(keys, [K] * 4).lengths for _ in range(5)] == [[0] * 4] * 5
     assert pol.decide(keys[:3], [K] * 3).lengths == [0] * 3  # 3 is within 2x of 4
-    assert pol.decide(keys[:2], [0, 0]).lengths == [0, 0]  # 2 is 2x away, but nobody may draft
+    for _ in range(cfg.remeasure_after + 1):
+        assert pol.decide(keys[:2], [0, 0]).lengths == [0, 0]  # 2 is 2x away, but nobody may draft
     d = pol.decide(keys[:2], [K, 1])
     assert d.reason == "remeasure" and d.lengths == [K, 1] and pol.remeasures == 2
     off = DraftPolicy(PolicyConfig(max_k=K, calibration_steps=1, min_samples=2, remeasure_factor=None))
     _teach_costs(off)
     off.decide(["a"], [K])
     off.spec_batch = 1
-    assert off.decide(keys, [K] * 4).reason != "remeasure"
+    assert all(off.decide(keys, [K] * 4).reason != "remeasure" for _ in range(10))
