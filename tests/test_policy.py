@@ -595,27 +595,14 @@ def test_a_request_that_drafted_and_dipped_is_probed_soon():
 def _brute_closed(rates, caps, remaining, verify, draft, K, round_len):
     """Every draft-length vector whose drafting requests all draft the longest draft (capped): the smallest
     (steps until the last request ends) x (step time)."""
-    v0, v1, v2 = verify
-    d0, d1, d2 = draft
     best = None
     for ks in itertools.product(*(range(min(c, K) + 1) for c in caps)):
         c = max(ks)
         if any(0 < k != min(c, cap) for k, cap in zip(ks, caps)):
             continue  # every request that drafts drafts the longest (its cap permitting)
-        g = []
-        for r, k in zip(rates, ks):
-            e, p = 1.0, 1.0
-            for j in range(k):
-                p *= r[j]
-                e += p
-            g.append(e)
-        M = max(max(R, 1) / x for R, x in zip(remaining, g))
-        c = max(ks)
-        L = c if (not round_len or c == 1) else round_len
-        t = v0 + v1 * (len(ks) + sum(ks)) + ((v2 + max(d0 + d1 * L + d2 * sum(1 for k in ks if k) * L, 0.0))
-                                            if c else 0.0)
-        if best is None or M * t < best[0] * (1 - 1e-12):
-            best = (M * t, list(ks))
+        t = _time_of(rates, ks, remaining, verify, draft, K, round_len)
+        if best is None or t < best[0] * (1 - 1e-12):
+            best = (t, list(ks))
     return best
 
 
@@ -642,6 +629,7 @@ def test_the_closed_batch_choice_ends_the_batch_soonest(seed):
 
 
 def _time_of(rates, ks, remaining, verify, draft, K, round_len):
+    """(Steps until the last request ends) x (step time) of the draft lengths ks."""
     v0, v1, v2 = verify
     d0, d1, d2 = draft
     g = []
