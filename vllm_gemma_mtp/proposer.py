@@ -66,7 +66,8 @@ class ProposerStats:
             return None
         return {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds, "probes": pol.probes,
                 "probes_deferred": pol.probes_deferred, "held_zero": pol.held_zero,
-                "closed_decisions": pol.closed_decisions, "remeasures": pol.remeasures, **pol.costs.snapshot(), "engine_acceptance": pol.acceptance.engine_rates()}
+                "closed_decisions": pol.closed_decisions, "remeasures": pol.remeasures, **pol.costs.snapshot(),
+                "engine_acceptance": pol.acceptance.engine_rates()}
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
