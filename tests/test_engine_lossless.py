@@ -99,17 +99,22 @@ def test_off_switch_falls_back_to_builtin(pair, engine_runs):
     assert off.outputs == base.outputs
 
 
-def test_random_sampling_through_fused_sampler(pair):
+def test_random_sampling_through_fused_sampler(pair, monkeypatch):
     """Temperature sampling through the plugin's rejection sampler in a real engine. The all-accept pair's
     target is uniform over the vocabulary while its drafter always proposes token 0, so a sampler that
     accepted too often would pile mass on token 0 and a wrong recovered-token rule would skew the rest:
     the emitted tokens must stay uniform (chi-square). Seeded requests reproduce; top-k takes the counted
-    torch pre-pass (vLLM 0.32's own CPU top-k path crashes the engine here) (truncation itself: tests/test_sampler_truncation.py)."""
+    torch pre-pass (vLLM 0.32's own CPU top-k path crashes the engine here) (truncation itself: tests/test_sampler_truncation.py).
+    Fixed K (VLLM_GEMMA_MTP_ADAPTIVE=0), so every step verifies drafts: at T=1 this pair's drafts are right 1 time
+    in 512, and the adaptive policy soon stops drafting, which left the later requests (top-k) without a verify
+    step once new requests inherited the engine's probe backoff. Adaptive sampling in engines:
+    tests/test_engine_sampling.py."""
     from scipy.stats import chisquare
     from vllm import LLM, SamplingParams
 
     from engine_utils import KV_CACHE_BYTES, _worker_probe, shutdown
 
+    monkeypatch.setenv("VLLM_GEMMA_MTP_ADAPTIVE", "0")  # read by the engine's processes when they start
     p = pair("allaccept")
     llm = LLM(model=str(p / "target"), dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=16,
               kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
