@@ -27,11 +27,13 @@ def test_counters_take_deltas_and_merge():
     assert b["k_hist"] == [1, 0, 0, 0, 1] and b["costs"] == a["costs"]
     c.record([0])
     c.closed_decisions = 3
+    c.remeasures = 1
     d = c.take()
     assert d["closed_decisions"] == 3 and c.closed_decisions == 0
+    assert d["remeasures"] == 1 and c.remeasures == 0
     m = merge(a, b)
     assert m["k_hist"] == [7, 1, 1, 0, 2] and m["steps"] == 4 and merge(None, b) is b and merge(a, None) is a
-    assert merge(m, d)["closed_decisions"] == 3
+    assert merge(m, d)["closed_decisions"] == 3 and merge(d, d)["remeasures"] == 2
 
 
 def test_scheduler_stats_field_crosses_vllm_encoding():
@@ -70,8 +72,10 @@ def test_stat_logger_writes_prometheus_samples():
     c = StepCounters(max_k=3, adaptive=True)
     for lens in ([3, 0], [0, 0], [1, 1]):
         c.record(lens)
-    c.costs = {"verify": [0.01, 1e-4, 2e-3], "draft": [1e-3, 2e-3, 1e-5], "step_estimate": 0.025}
+    c.costs = {"verify": [0.01, 1e-4, 2e-3], "draft": [1e-3, 2e-3, 1e-5], "step_estimate": 0.025,
+               "gain_spread": 0.4}
     c.closed_decisions += 2
+    c.remeasures += 1
     st = SchedulerStats()
     st.gemma_mtp = c.take()
     lg.record(st, None)
@@ -86,7 +90,8 @@ def test_stat_logger_writes_prometheus_samples():
     assert val("gemma_mtp:draft_length_bucket", 'le="0.0",') == 3
     assert val("gemma_mtp:steps_total") == 3 and val("gemma_mtp:draft_rounds_skipped_total") == 1
     assert val("gemma_mtp:step_seconds_estimate") == 0.025
-    assert val("gemma_mtp:closed_batch_decisions_total") == 2
+    assert val("gemma_mtp:closed_batch_decisions_total") == 2 and val("gemma_mtp:remeasure_steps_total") == 1
+    assert val("gemma_mtp:gain_spread_tokens") == 0.4
     assert any(ln.startswith('gemma_mtp:verify_cost_seconds{engine="7",model_name="t",term="spec_step"} 0.002')
                for ln in text.splitlines())
     # the rejection sampler's counts ride along: deltas, merged, summed into counters by label

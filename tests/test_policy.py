@@ -2,6 +2,7 @@
 optimum against brute force, and the online pieces (acceptance statistics, cost fits, probes)."""
 
 import itertools
+import math
 import random
 
 import pytest
@@ -678,7 +679,7 @@ def test_a_batch_far_from_the_last_timed_draft_drafts_once_at_full_length():
     pol = DraftPolicy(cfg)
     _teach_costs(pol)  # drafting useless unless acceptance is high
     pol.decide(["a"], [K])  # calibration
-    pol.spec_batch = 1  # batch 1 drafted K before
+    pol.spec_sizes = {1: pol.steps}  # batch 1 drafted K before
     for k in "abcd":
         pol.observe(k, 4, 0)  # never right: the chooser keeps everyone at 0
     keys = list("abcd")
@@ -696,8 +697,175 @@ def test_a_batch_far_from_the_last_timed_draft_drafts_once_at_full_length():
         assert pol.decide(keys[:2], [0, 0]).lengths == [0, 0]  # 2 is 2x away, but nobody may draft
     d = pol.decide(keys[:2], [K, 1])
     assert d.reason == "remeasure" and d.lengths == [K, 1] and pol.remeasures == 2
+    # batch 4 again (closed batches whose last request drafts alone go 4 -> 1 -> 4): 4 was timed recently, so
+    # the all-zero answer stands; once that is remeasure_every steps old it is far again
+    pol.spec_sizes[1] = pol.steps
+    for _ in range(cfg.remeasure_after + 3):
+        assert pol.decide(keys, [K] * 4).lengths == [0] * 4
+    assert pol.remeasures == 2
+    pol.steps += cfg.remeasure_every  # (the batch has stood all along)
+    d = pol.decide(keys, [K] * 4)
+    assert d.reason == "remeasure" and pol.remeasures == 3
     off = DraftPolicy(PolicyConfig(max_k=K, calibration_steps=1, min_samples=2, remeasure_factor=None))
     _teach_costs(off)
     off.decide(["a"], [K])
-    off.spec_batch = 1
+    off.spec_sizes = {1: off.steps}
     assert all(off.decide(keys, [K] * 4).reason != "remeasure" for _ in range(10))
+
+
+def test_expected_max_of_normals():
+    """Blom's approximation of E[max of n standard normals] against the exact values (Harter's table)."""
+    from vllm_gemma_mtp.policy import expected_max_normal
+
+    exact = {1: 0.0, 2: 0.5642, 4: 1.0294, 8: 1.4236, 16: 1.7660, 32: 2.0697, 64: 2.3464}
+    for n, want in exact.items():
+        assert expected_max_normal(n) == pytest.approx(want, abs=0.03)
+
+
+def _gain(r):
+    p, g = 1.0, 0.0
+    for a in r:
+        p *= a
+        g += p
+    return g
+
+
+def test_slowest_of_batch_discounts_the_gain_by_the_spread():
+    """Each request's drafting gain drops by z_B x spread x sqrt(w / (w + n)): nothing at batch 1, less for a
+    request the engine has watched, never below zero; the rates past the first are kept."""
+    from vllm_gemma_mtp.policy import expected_max_normal, slowest_of_batch
+
+    r = [0.8, 0.75, 0.8, 0.85]
+    assert slowest_of_batch([r], [0.0], 1.0, 3.0) == [r]
+    out = slowest_of_batch([r] * 16, [0.0] * 15 + [5.0], 0.5, 3.0)
+    z = expected_max_normal(16)
+    assert _gain(out[0]) == pytest.approx(_gain(r) - z * 0.5)
+    assert _gain(out[15]) == pytest.approx(_gain(r) - z * 0.5 * math.sqrt(3 / 8))
+    assert all(o[1:] == r[1:] for o in out)
+    assert slowest_of_batch([r] * 16, [0.0] * 16, 10.0, 3.0)[0][0] == 0.0
+
+
+def test_the_gain_spread_is_learned_from_requests_that_left():
+    """The spread is the standard deviation of departed requests' own gains (unseen positions at the engine's
+    rates) less what their sampling noise adds, counting only requests observed at least
+    spread_min_observations times; None before spread_min_requests of them. Requests that all draw from one
+    rate show (almost) no spread; two kinds of request, ~1.6 tokens of gain apart, show about half that."""
+    rnd = random.Random(3)
+
+    def spread(kinds, n_req=60, obs=40):
+        cfg = PolicyConfig(max_k=2, request_decay=0.98, spread_min_requests=4, spread_decay=1.0)
+        acc = AcceptanceStats(cfg)
+        for i in range(n_req):
+            rate = kinds[i % len(kinds)]
+            for _ in range(obs):
+                a = 0 if rnd.random() > rate else (1 if rnd.random() > rate else 2)
+                acc.observe(i, 2, a)
+            acc.forget([i])
+        return acc.gain_spread()
+
+    cfg = PolicyConfig(max_k=2, spread_min_requests=4, spread_decay=1.0)
+    acc = AcceptanceStats(cfg)
+    for i in range(3):
+        for _ in range(10):
+            acc.observe(i, 2, 2)
+    acc.observe("once", 2, 2)
+    acc.forget([0, 1, 2, "once"])
+    assert acc.gain_spread() is None  # three counted ("once" was seen once)
+    assert spread([0.7]) < 0.1
+    g = [r + r * r for r in (0.95, 0.3)]  # 1.85 and 0.39
+    assert spread([0.95, 0.3]) == pytest.approx((g[0] - g[1]) / 2, rel=0.15)
+
+
+def _closed_batch_policy(B, spread_requests):
+    random.seed(7)
+    """This machine's batch-16 costs (a full-K step ~2.8 plain steps), new requests at engine rates that
+    promise ~4 tokens a step at K=4: worth it for the average request, not for the slowest of 16 when
+    requests differ."""
+    K = 4
+    cfg = PolicyConfig(max_k=K, calibration_steps=1, min_samples=2, probe_every=10 ** 6, explore_every=10 ** 6,
+                       remeasure_factor=None)
+    pol = DraftPolicy(cfg)
+    for _ in range(30):
+        for b in (1, 4, 16):
+            pol.costs.observe_verify(b, 4.4e-3 + 4e-5 * b)
+            pol.costs.observe_verify(b * 5, 4.4e-3 + 4e-5 * b * 5 + 2e-3, b * 4)
+            pol.costs.observe_draft(b, 1, 1.4e-4 + 5.7e-4 + 6.8e-5 * b)
+            pol.costs.observe_draft(b, 4, 1.4e-4 + 5.7e-4 * 4 + 6.8e-5 * b * 4)
+    pol.decide(["warm"], [K])  # calibration
+    for i in range(spread_requests):  # requests that left: half accept 0.95 a position, half 0.5
+        for _ in range(8):
+            pol.acceptance.observe(("old", i), K, K if i % 2 else 1)
+    pol.acceptance.forget([("old", i) for i in range(spread_requests)])
+    for _ in range(300):  # then a long request that accepts most: the engine's rates (new requests' prior)
+        pol.acceptance.observe("warm", K, K if random.random() < 0.85 else 1)
+    keys = [("new", i) for i in range(B)]
+    return pol, keys, K
+
+
+@pytest.mark.parametrize("B", [2, 16])
+def test_a_closed_batch_of_new_requests_bets_on_its_slowest(B):
+    """Without a spread (a fresh engine) the chooser drafts K for a closed batch of new requests at the engine's
+    rates; once departed requests showed that requests differ, a batch of 16 new requests - which ends with
+    the slowest of 16 - does not draft, while a batch of 2, whose slowest is nearer the average, still does."""
+    pol, keys, K = _closed_batch_policy(B, 0)
+    assert pol.acceptance.gain_spread() is None
+    assert pol.decide(keys, [K] * B, round_len=K, remaining=[120] * B).lengths == [K] * B
+    pol, keys, K = _closed_batch_policy(B, 20)
+    assert pol.acceptance.gain_spread() > 0.5
+    d = pol.decide(keys, [K] * B, round_len=K, remaining=[120] * B)
+    assert d.lengths == ([0] * B if B == 16 else [K] * B)
+    # an open batch (remaining None: every token counts alike) is priced by the average, as before
+    assert pol.decide(keys, [K] * B, round_len=K).lengths != [0] * B or B == 16
+
+
+def _departed(acc, kinds, n_req=40, obs=20, K=4, seed=5):
+    """n_req requests that drafted K `obs` times and left; request i accepts each position with kinds[i % ..]."""
+    rnd = random.Random(seed)
+    for i in range(n_req):
+        rate = kinds[i % len(kinds)]
+        for _ in range(obs):
+            a = 0
+            while a < K and rnd.random() < rate:
+                a += 1
+            acc.observe(("gone", i), K, a)
+        acc.forget([("gone", i)])
+
+
+def test_the_prior_weighs_more_where_requests_differ_less():
+    """Empirical Bayes for closed batches: the engine's rates count as (one observation's variance of the
+    gain) / spread^2 observations of a request, within [prior_weight, prior_weight_max]; before any spread
+    is known, prior_weight."""
+    cfg = PolicyConfig(max_k=4)
+    same, differ, fresh = AcceptanceStats(cfg), AcceptanceStats(cfg), AcceptanceStats(cfg)
+    assert fresh.prior_weight() == cfg.prior_weight
+    _departed(same, [0.85])
+    _departed(differ, [0.95, 0.2])
+    assert same.prior_weight() == cfg.prior_weight_max
+    assert differ.gain_spread() > 1.0 and differ.prior_weight() == cfg.prior_weight
+
+
+@pytest.mark.parametrize("eb", [True, False])
+def test_one_unlucky_draft_does_not_stop_a_closed_batch_of_alike_requests(eb):
+    """Batch 4, closed, where a full-K step costs ~2.8 plain steps and requests accept ~0.85 a position (alike:
+    departed requests show no spread). One request rejected its first two drafts. With the prior weighted by
+    the spread (empirical Bayes) that is luck and the batch drafts K; with the fixed prior weight of 3 the
+    chooser, which goes by the slowest request, would stop the whole batch."""
+    K, B = 4, 4
+    cfg = PolicyConfig(max_k=K, calibration_steps=1, min_samples=2, probe_every=10 ** 6, explore_every=10 ** 6,
+                       remeasure_factor=None, prior_weight_max=10.0 if eb else 3.0)
+    pol = DraftPolicy(cfg)
+    for _ in range(30):
+        for b in (1, 4):
+            pol.costs.observe_verify(b, 4.4e-3 + 4e-5 * b)
+            pol.costs.observe_verify(b * 5, 4.4e-3 + 4e-5 * b * 5 + 4e-3, b * 4)
+            pol.costs.observe_draft(b, 1, 1.4e-4 + 5.7e-4 + 6.8e-5 * b)
+            pol.costs.observe_draft(b, 4, 1.4e-4 + 5.7e-4 * 4 + 6.8e-5 * b * 4)
+    pol.decide(["warm"], [K])  # calibration
+    _departed(pol.acceptance, [0.85])
+    keys = list("abcd")
+    for _ in range(2):
+        pol.acceptance.observe("a", K, 0)
+    t = pol.costs.predict_step([K] * B, K) / pol.costs.predict_step([0] * B, K)
+    assert 2.6 < t < 3.0
+    d = pol.decide(keys, [K] * B, round_len=K, remaining=[100] * B)
+    assert d.lengths == ([K] * B if eb else [0] * B)

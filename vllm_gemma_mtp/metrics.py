@@ -20,6 +20,10 @@ Metrics (labels model_name, engine, like vLLM's):
   gemma_mtp:closed_batch_decisions_total    chooser runs for a closed batch (nothing waiting, nobody joined
                                             lately): lengths chosen by when the batch ends
                                             (policy.choose_closed_batch), not by tokens per step
+  gemma_mtp:remeasure_steps_total           full-length steps run because the batch size moved far from
+                                            where drafting was last timed (policy remeasure)
+  gemma_mtp:gain_spread_tokens              between-request spread of the drafting gain (accepted tokens of
+                                            a full draft) that closed batches are discounted by
   gemma_mtp:verify_cost_seconds{term}       the cost model's verify step: fixed, per_token, spec_step
   gemma_mtp:draft_cost_seconds{term}        its draft round: fixed, per_step, per_row_step
   gemma_mtp:step_seconds_estimate           predicted seconds of the latest step (verify + draft round)
@@ -53,6 +57,7 @@ class StepCounters:
     probes: int = 0
     probes_deferred: int = 0
     closed_decisions: int = 0
+    remeasures: int = 0
     costs: dict = field(default_factory=dict)
     sampler: dict = None  # the rejection sampler's counts since the last take (GemmaMTPRejectionSampler.take_delta)
 
@@ -79,10 +84,10 @@ class StepCounters:
         out = {"max_k": self.max_k, "adaptive": self.adaptive, "k_hist": list(self.k_hist), "steps": self.steps,
                "skipped_rounds": self.skipped_rounds, "plain_steps": self.plain_steps, "probes": self.probes,
                "probes_deferred": self.probes_deferred, "closed_decisions": self.closed_decisions,
-               "costs": dict(self.costs), "sampler": self.sampler}
+               "remeasures": self.remeasures, "costs": dict(self.costs), "sampler": self.sampler}
         self.k_hist = [0] * (self.max_k + 1)
         self.steps = self.skipped_rounds = self.plain_steps = self.probes = self.probes_deferred = 0
-        self.closed_decisions = 0
+        self.closed_decisions = self.remeasures = 0
         self.sampler = None
         return out
 
@@ -104,7 +109,7 @@ def merge(a: dict | None, b: dict | None) -> dict | None:
     n = max(len(a["k_hist"]), len(b["k_hist"]))
     out["k_hist"] = [(a["k_hist"][i] if i < len(a["k_hist"]) else 0) + (b["k_hist"][i] if i < len(b["k_hist"]) else 0)
                      for i in range(n)]
-    for key in ("steps", "skipped_rounds", "plain_steps", "probes", "probes_deferred", "closed_decisions"):
+    for key in ("steps", "skipped_rounds", "plain_steps", "probes", "probes_deferred", "closed_decisions", "remeasures"):
         out[key] = a.get(key, 0) + b.get(key, 0)
     out["costs"] = b["costs"] or a["costs"]
     out["sampler"] = merge_sampler(a.get("sampler"), b.get("sampler"))
@@ -191,6 +196,10 @@ class _Metrics:
         self.closed = Counter(PREFIX + "closed_batch_decisions", "Chooser runs for a closed batch (nothing "
                               "waiting, nobody joined lately): lengths chosen by when the batch ends",
                               labelnames=labels)
+        self.remeasures = Counter(PREFIX + "remeasure_steps", "Full-length steps run because the batch size "
+                                  "moved far from where drafting was last timed", labelnames=labels)
+        self.spread = Gauge(PREFIX + "gain_spread_tokens", "Between-request spread of the drafting gain that "
+                            "closed batches are discounted by", labelnames=labels, **gauge_kw)
         self.verify = Gauge(PREFIX + "verify_cost_seconds", "Learned verify-step cost: fixed + per_token * "
                             "tokens + spec_step (when any request drafts)", labelnames=labels + ["term"], **gauge_kw)
         self.draft = Gauge(PREFIX + "draft_cost_seconds", "Learned draft-round cost: fixed + per_step * K + "
@@ -248,6 +257,7 @@ def make_stat_logger_class():
             self._l(m.probes).inc(d["probes"])
             self._l(m.probes_deferred).inc(d.get("probes_deferred", 0))
             self._l(m.closed).inc(d.get("closed_decisions", 0))
+            self._l(m.remeasures).inc(d.get("remeasures", 0))
             self._l(m.adaptive).set(1.0 if d["adaptive"] else 0.0)
             c = d.get("costs") or {}
             if c:
@@ -256,6 +266,8 @@ def make_stat_logger_class():
                 for term, v in zip(("fixed", "per_step", "per_row_step"), c["draft"]):
                     self._l(m.draft, term=term).set(v)
                 self._l(m.step).set(c["step_estimate"])
+                if c.get("gain_spread") is not None:
+                    self._l(m.spread).set(c["gain_spread"])
             smp = d.get("sampler")
             if smp:
                 self._l(m.fused).inc(smp["fused_steps"])

@@ -57,6 +57,17 @@ class PolicyConfig:
     request_decay: float = 0.8  # per observation: a request's recent drafts count most
     global_decay: float = 0.995
     prior_weight: float = 3.0  # the engine-wide rates count as this many observations of a request
+    # In a closed batch, once departed requests show how much requests differ (AcceptanceStats.gain_spread),
+    # the prior counts as (one observation's sampling variance of the gain) / (the spread squared)
+    # observations, between prior_weight and prior_weight_max (empirical Bayes): a closed batch goes by its
+    # slowest request, i.e. by the unluckiest of B noisy estimates, and where requests differ little one
+    # unlucky draft says more about luck than about the request. Measured before (trained pair, batch 4 right
+    # after batch 1, spread ~0): one early rejection put a request's gain at 1.6 tokens against ~2.8, the
+    # closed-batch chooser chose plain decoding, and the batch stayed plain for ~250 steps where fixed K=4
+    # gives 1.5x. The cap keeps a request that really differs visible: with request_decay 0.8 its counts hold
+    # at most 5 observations, a third of the weight at prior_weight_max 10. (The open chooser sums over
+    # requests, where their noise averages out: prior_weight.)
+    prior_weight_max: float = 10.0
     cost_decay: float = 0.99  # per timing sample
     probe_every: int = 16  # steps at 0 drafts before a 1-token probe
     probe_backoff_max: int = 16  # each probe doubles the request's wait, up to this many probe_every
@@ -71,6 +82,11 @@ class PolicyConfig:
     # runs one full-length step instead, so the cost model sees drafting at this size (None: never)
     remeasure_factor: int | None = 2
     remeasure_after: int = 4
+    # a size within remeasure_factor of one where a multi-token draft ran in the last remeasure_every steps is
+    # not far. Comparing with the latest draft's size alone remeasured once per batch where closed batches of 16
+    # end with one request drafting alone (16 -> 1 -> 16: ~2 % of the time at batch 16); a period of 512 steps
+    # still cost a zero-accept batch of 32 ~2 % (a full-K step there is ~3 plain steps)
+    remeasure_every: int = 4096
     # a request the chooser has drafted for in at least `resume_after` steps is probed `resume_wait` steps after
     # it drops to 0 (then the usual doubling): its drafts paid before, so a dip in its acceptance is checked
     # soon instead of after probe_every steps (None: every request waits probe_every)
@@ -99,6 +115,19 @@ class PolicyConfig:
     # so where probes are cheap (a GPU below its compute bound) it never binds.
     probe_budget: float | None = 0.02
     probe_budget_horizon: int = 256  # steps of allowance that can be saved up
+    # Closed batches end with their slowest request, and a request's acceptance is known only after it has
+    # drafted: new requests start at the engine-wide rates, which are what requests get on average, not what
+    # the slowest of B gets. So in a closed batch each request's drafting gain is taken at the expected
+    # minimum of B draws from its posterior: its estimate less z_B (the expected maximum of B standard
+    # normals) x the spread of gains between requests x sqrt(prior_weight / (prior_weight + observations)).
+    # Measured before (trained pair, batch 16, 128 tokens, this 2-core CPU, where no K pays at batch 16):
+    # each batch's first step drafted K=4 for all 16 new requests, and each 1-token probe raised position-1
+    # rates enough that the next 1-2 steps drafted K=4 for all (~2 plain steps each), then stopped: ~7 % of
+    # the time. The spread is learned from requests that left after at least spread_min_observations
+    # observations; until spread_min_requests of them have left there is no discount.
+    spread_min_observations: float = 2.0
+    spread_min_requests: float = 4.0
+    spread_decay: float = 0.99  # per departed request
 
 
 class DecayedLeastSquares:
@@ -231,6 +260,10 @@ class AcceptanceStats:
         self.cfg = cfg
         self.engine = _Counts.zeros(cfg.max_k)
         self.requests: dict = {}
+        # between requests: decayed weight, sum and sum of squares of departed requests' own drafting gains
+        # (expected accepted tokens of a full-length draft, from their own counts), and the sum of those
+        # estimates' sampling variances, and of those variances times the observations behind them
+        self._spread = [0.0, 0.0, 0.0, 0.0, 0.0]
 
     def observe(self, key, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -244,17 +277,95 @@ class AcceptanceStats:
         # before any observation: an optimistic prior, so a new engine drafts (and learns)
         return [(a + 0.7) / (t + 1.0) for a, t in zip(self.engine.acc, self.engine.tried)]
 
-    def rates(self, key, prior: list[float] | None = None) -> list[float]:
+    def rates(self, key, prior: list[float] | None = None, weight: float | None = None) -> list[float]:
         prior = prior or self.engine_rates()
         c = self.requests.get(key)
         if c is None:
             return prior
-        w = self.cfg.prior_weight
+        w = self.cfg.prior_weight if weight is None else weight
         return [(a + w * p) / (t + w) for a, t, p in zip(c.acc, c.tried, prior)]
+
+    def observed(self, key) -> float:
+        """How many observations of the request its counts hold (decayed: at most 1 / (1 - request_decay))."""
+        c = self.requests.get(key)
+        return c.tried[0] if c is not None else 0.0
+
+    def gain_spread(self) -> float | None:
+        """The standard deviation, between requests, of the true drafting gain (expected accepted tokens of a
+        full-length draft): that of the gains estimated from departed requests' own counts, less what those
+        estimates' sampling noise adds (a request's counts hold a few observations, and the noise alone made a
+        spread of ~0.6 tokens where requests differ less). From requests that left with at least
+        `spread_min_observations` observations; None until `spread_min_requests` such requests have left."""
+        w, s1, s2, noise, _ = self._spread
+        if w < self.cfg.spread_min_requests:
+            return None
+        m = s1 / w
+        return math.sqrt(max(s2 / w - m * m - noise / w, 0.0))
+
+    def prior_weight(self) -> float:
+        """How many observations of a request the engine-wide rates count as (PolicyConfig.prior_weight_max)."""
+        lo, hi = self.cfg.prior_weight, self.cfg.prior_weight_max
+        sd = self.gain_spread()
+        if sd is None or hi <= lo:
+            return lo
+        w, _, _, _, noise1 = self._spread
+        per_obs = noise1 / w  # the gain's sampling variance from one observation
+        return hi if sd * sd * hi <= per_obs else max(lo, per_obs / (sd * sd))
+
+    def _record_gain(self, c: "_Counts") -> None:
+        if c.tried[0] < self.cfg.spread_min_observations:
+            return
+        prior = self.engine_rates()
+        r = [a / t if t >= 0.5 else e for a, t, e in zip(c.acc, c.tried, prior)]  # rarely reached: the engine's
+        P, p = [], 1.0
+        for x in r:
+            p *= x
+            P.append(p)
+        g = sum(P)
+        # sampling variance of g (delta method): dg/dr_l = sum_{j >= l} P_j / r_l, var r_l = q (1 - q) / n_l with q
+        # the rate smoothed toward 1/2 (a position seen once, accepted, has r = 1 and no plug-in variance)
+        var = 0.0
+        for j, (x, a, t) in enumerate(zip(r, c.acc, c.tried)):
+            if t >= 0.5 and 0.0 < x:
+                q = (a + 0.5) / (t + 1.0)
+                var += (sum(P[j:]) / x) ** 2 * q * (1.0 - q) / t
+        d = self.cfg.spread_decay
+        w, s1, s2, noise, noise1 = self._spread
+        self._spread = [d * w + 1.0, d * s1 + g, d * s2 + g * g, d * noise + var, d * noise1 + var * c.tried[0]]
 
     def forget(self, keys) -> None:
         for k in keys:
-            self.requests.pop(k, None)
+            c = self.requests.pop(k, None)
+            if c is not None:
+                self._record_gain(c)
+
+
+def expected_max_normal(n: int) -> float:
+    """E[max of n standard normals] (Blom's approximation; 0 for n = 1, 1.03 for 4, 1.77 for 16)."""
+    if n <= 1:
+        return 0.0
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf((n - 0.375) / (n + 0.25))
+
+
+def slowest_of_batch(rates: list[list[float]], observed: list[float], spread: float,
+                     prior_weight: float) -> list[list[float]]:
+    """Per-request rates [B][K] whose drafting gain (sum_j P_ij) is the request's estimate less
+    z_B x spread x sqrt(prior_weight / (prior_weight + observed_i)), z_B = expected_max_normal(B): what the
+    slowest of B requests with these posteriors is expected to get, for choose_closed_batch. The gain is scaled
+    at every position alike (through the first conditional rate), so a request's shape is kept."""
+    z = expected_max_normal(len(rates))
+    out = []
+    for r, n in zip(rates, observed):
+        p, g = 1.0, 0.0
+        for a in r:
+            p *= a
+            g += p
+        sd = spread * math.sqrt(prior_weight / (prior_weight + max(n, 0.0)))
+        f = max(0.0, 1.0 - z * sd / g) if g > 0 else 0.0
+        out.append([r[0] * f] + list(r[1:]) if r else [])
+    return out
 
 
 def choose_closed_batch(rates: list[list[float]], caps: list[int], remaining: list[int], verify, draft,
@@ -468,6 +579,7 @@ class DraftPolicy:
     probe_allowance: float = None  # seconds of step time probes may still spend (probe_budget)
     probes_deferred: int = 0  # times due probes were put off until the allowance covers them
     spec_batch: int = 0  # batch size of the latest step with a multi-token draft (the cost model's last look)
+    spec_sizes: dict = field(default_factory=dict)  # batch size -> the latest step with a multi-token draft at it
     _batch: tuple = ((), 0)  # the requests of the latest policy step and the step they first ran together
     remeasures: int = 0  # full-length steps run because the batch size moved far from spec_batch
     closed_decisions: int = 0  # chooser runs that valued progress by when a closed batch ends
@@ -578,8 +690,13 @@ class DraftPolicy:
                 self.held_zero += 1
             else:
                 prior = self.acceptance.engine_rates()
-                rates = [self.acceptance.rates(key, prior) for key in keys]
-                if remaining is not None and len(keys) > 1:
+                closed = remaining is not None and len(keys) > 1
+                w = self.acceptance.prior_weight() if closed else None
+                rates = [self.acceptance.rates(key, prior, w) for key in keys]
+                if closed:
+                    spread = self.acceptance.gain_spread()
+                    if spread:
+                        rates = slowest_of_batch(rates, [self.acceptance.observed(key) for key in keys], spread, w)
                     lengths, rate = choose_closed_batch(rates, caps, remaining, self.costs.verify_coef(),
                                                         self.costs.draft_coef(), K, round_len)
                     self.closed_decisions += 1
@@ -643,13 +760,15 @@ class DraftPolicy:
                     self.wait[key] = min(2 * w, base * self.cfg.probe_backoff_max)
                 if n:
                     self.new_wait = min(2 * self.new_wait, base * self.cfg.new_request_wait_max)
-            B, sb, f = len(keys), self.spec_batch, self.cfg.remeasure_factor
+            B, f = len(keys), self.cfg.remeasure_factor
             if tuple(keys) != self._batch[0]:
                 self._batch = (tuple(keys), self.steps)
             # only a batch that has stood for remeasure_after steps: a batch of new requests fills over its
             # first steps (the front end adds them one by one), and each size on the way counted as a move
             # (zero-accept pair: ~2 full-length steps per batch of 128 steps, 9 % of the time at batch 4)
-            far = (f and sb and not any(lengths) and (B >= f * sb or B * f <= sb) and max(caps, default=0) > 1)
+            far = (f and self.spec_sizes and not any(lengths) and max(caps, default=0) > 1
+                   and not any(b * f > B and B * f > b and self.steps - t <= self.cfg.remeasure_every
+                               for b, t in self.spec_sizes.items()))
             if far and self.steps - self._batch[1] < self.cfg.remeasure_after:
                 self._zero_answer = None  # not held: decided again next step, until the batch has stood
             elif far:
@@ -665,6 +784,7 @@ class DraftPolicy:
         s = self.steps
         if max(lengths, default=0) > 1:
             self.spec_batch = len(keys)
+            self.spec_sizes[len(keys)] = s
         for key, k in zip(keys, lengths):
             if k > 0:
                 self.last[key] = s

@@ -67,7 +67,7 @@ class ProposerStats:
         return {"chosen_k_hist": list(pol.chosen_hist), "skipped_rounds": pol.skipped_rounds, "probes": pol.probes,
                 "probes_deferred": pol.probes_deferred, "held_zero": pol.held_zero,
                 "closed_decisions": pol.closed_decisions, "remeasures": pol.remeasures, **pol.costs.snapshot(),
-                "engine_acceptance": pol.acceptance.engine_rates()}
+                "engine_acceptance": pol.acceptance.engine_rates(), "gain_spread": pol.acceptance.gain_spread()}
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted_tokens": self.drafted_tokens,
@@ -406,6 +406,7 @@ class GemmaMTPProposer(_Base):
         caps = self._cap_list
         self.stats.source = pol  # tests and bisecting swap the policy
         probes_before, deferred_before, closed_before = pol.probes, pol.probes_deferred, pol.closed_decisions
+        remeasures_before = pol.remeasures
         dec = pol.decide(req_ids, caps, round_len=k if self.stats.compiled else None,
                          remaining=self._remaining_if_closed(req_ids, P_host))
         if self.tp_size > 1:
@@ -418,6 +419,7 @@ class GemmaMTPProposer(_Base):
         self.counters.probes += pol.probes - probes_before
         self.counters.probes_deferred += pol.probes_deferred - deferred_before
         self.counters.closed_decisions += pol.closed_decisions - closed_before
+        self.counters.remeasures += pol.remeasures - remeasures_before
         self._report_costs(dec.lengths, k)
         return dec.lengths
 
@@ -442,7 +444,7 @@ class GemmaMTPProposer(_Base):
         if pol.costs.ready():
             est = pol.costs.predict_step(lengths, k if self.stats.compiled else None)
             self.counters.costs = {"verify": list(pol.costs.verify_coef()), "draft": list(pol.costs.draft_coef()),
-                                   "step_estimate": est}
+                                   "step_estimate": est, "gain_spread": pol.acceptance.gain_spread()}
 
     def _batch_changed(self, keys: tuple, k: int) -> None:
         """New requests get their caps; requests no longer running are forgotten."""
