@@ -20,7 +20,10 @@ every c in 0..K is tried and the best ratio wins (exact: tests/test_policy.py ch
 Closed batches: when the caller says nothing waits for a place and the batch is not being refilled (it passes
 each request's remaining tokens), a request that ends sooner makes room for nobody and the batch lasts as long
 as its slowest request; choose_closed_batch then minimises (steps until the last request ends) x (step time)
-instead of the step's rate.
+instead of the step's rate. It ends with its slowest request, so there each request's drafting gain is taken
+at what the slowest of B requests with its posterior is expected to get (slowest_of_batch; the spread of gains
+between requests is learned from requests that left, AcceptanceStats.gain_spread), and the engine's rates
+count as more observations of a request where requests differ little (AcceptanceStats.prior_weight).
 
 Acceptance: per request, decayed counts of accepted/tried per position, shrunk toward the engine-wide
 rates (themselves decayed counts over all requests), so a new request starts from what the engine has seen.
