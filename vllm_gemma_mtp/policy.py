@@ -584,7 +584,7 @@ class DraftPolicy:
     spec_batch: int = 0  # batch size of the latest step with a multi-token draft (the cost model's last look)
     spec_sizes: dict = field(default_factory=dict)  # batch size -> the latest step with a multi-token draft at it
     _batch: tuple = ((), 0)  # the requests of the latest policy step and the step they first ran together
-    remeasures: int = 0  # full-length steps run because the batch size moved far from spec_batch
+    remeasures: int = 0  # full-length steps run because the batch size moved far from every size in spec_sizes
     closed_decisions: int = 0  # chooser runs that valued progress by when a closed batch ends
     probed: dict = field(default_factory=dict)  # request -> the step of its last probe
     new_wait: int = 0  # a new request's first wait (new_request_wait_max; 0: probe_every)
