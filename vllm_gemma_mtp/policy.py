@@ -320,10 +320,7 @@ class AcceptanceStats:
             return
         prior = self.engine_rates()
         r = [a / t if t >= 0.5 else e for a, t, e in zip(c.acc, c.tried, prior)]  # rarely reached: the engine's
-        P, p = [], 1.0
-        for x in r:
-            p *= x
-            P.append(p)
+        P = reach_probabilities(r)
         g = sum(P)
         # sampling variance of g (delta method): dg/dr_l = sum_{j >= l} P_j / r_l, var r_l = q (1 - q) / n_l with q
         # the rate smoothed toward 1/2 (a position seen once, accepted, has r = 1 and no plug-in variance)
@@ -341,6 +338,15 @@ class AcceptanceStats:
             c = self.requests.pop(k, None)
             if c is not None:
                 self._record_gain(c)
+
+
+def reach_probabilities(rates: list[float]) -> list[float]:
+    """P_j = a_1 * ... * a_j: the chance a draft's position j is accepted, from conditional rates a_j [K]."""
+    out, p = [], 1.0
+    for a in rates:
+        p *= a
+        out.append(p)
+    return out
 
 
 def expected_max_normal(n: int) -> float:
@@ -361,10 +367,7 @@ def slowest_of_batch(rates: list[list[float]], observed: list[float], spread: fl
     z = expected_max_normal(len(rates))
     out = []
     for r, n in zip(rates, observed):
-        p, g = 1.0, 0.0
-        for a in r:
-            p *= a
-            g += p
+        g = sum(reach_probabilities(r))
         sd = spread * math.sqrt(prior_weight / (prior_weight + max(n, 0.0)))
         f = max(0.0, 1.0 - z * sd / g) if g > 0 else 0.0
         out.append([r[0] * f] + list(r[1:]) if r else [])
