@@ -7,7 +7,12 @@ plugin's adaptive draft lengths (its default), one run, one machine.
 For every pair and K the engines (no speculation, built-in, plugin, adaptive) are up together and each batch
 size is timed round-robin: one run of each mode per round, --runs rounds, after one warm-up run each (not
 counted). Each figure is the median of its runs, and the ratios compare runs of the same rounds, so drift in
-the machine's speed (tens of percent over minutes on this VM) hits all modes alike. Acceptance comes from
+the machine's speed (tens of percent over minutes on this VM) hits all modes alike. With --replicates R the
+engines are started R times (the start order rotating) and every figure pools the runs of all R: two engines
+of one configuration ran at speeds up to ~10 % apart for their whole life on this VM (the target forward
+itself, same ops), so one engine per mode leaves that difference in every ratio. The host processes (front
+end, engine cores) go on the core the workers leave free (engine_runs.pin_host_processes; --no-pin keeps
+vLLM's layout). Acceptance comes from
 vLLM's own spec-decode metrics over the timed runs. Greedy outputs are checked to be identical across the
 modes. Writes JSON + a PNG plot + a markdown table under --out.
 
@@ -122,6 +127,10 @@ def main():
                          "(greedy outputs are still compared across modes; seeded ones differ by design: vLLM draws "
                          "them from the request's generator, the plugin by sequence position)")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--replicates", type=int, default=1,
+                    help="start every engine this many times (start order rotating) and pool the runs of all")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave the front end and engine cores where vLLM puts them (floating over every core)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="TP ranks per engine (CPU: one core per rank via VLLM_CPU_OMP_THREADS_BIND)")
     args = ap.parse_args()
@@ -137,7 +146,8 @@ def main():
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from engine_runs import SETTLE_S, interleaved_runs, policy_state, seeded_mix, start_engine, stop_engine
+    from engine_runs import (SETTLE_S, interleaved_runs, merge_results, pin_host_processes, policy_state,
+                             seeded_mix, start_engine, stop_engine)
     from vllm_gemma_mtp.fixtures import ensure_pair
 
     os.environ["VLLM_GEMMA_MTP_COMPILE"] = "1"
@@ -145,7 +155,8 @@ def main():
     rows = []
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     outputs_identical = True
-    bar = tqdm(total=len(pairs) * len(ks) * len(batches), desc="bench", unit="cell")
+    bar = tqdm(total=len(pairs) * len(ks) * len(batches), desc="bench", unit="cell",
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]")
     for pair in pairs:
         d = TRAINED if pair == "trained" else ensure_pair(pair)
         tok = AutoTokenizer.from_pretrained(d / "target")
@@ -160,36 +171,45 @@ def main():
                                 max(k, 1), max_num_seqs=max(batches),
                                 max_model_len=mml, tensor_parallel_size=tp)
 
-        # the no-speculation engine stays up for the pair; built-in and plugin engines per K; all three are
-        # timed round-robin (see engine_runs.interleaved_runs)
-        none = start("none", 0)
-        try:
-            for k in ks:
-                engines = {"none": (none, 0)}
+        # all engines of a pair and K are up together and timed round-robin (see engine_runs.interleaved_runs);
+        # with replicates they are started again, in another order, and the runs pooled
+        for k in ks:
+            per_rep = {b: [] for b in batches}  # batch -> [{mode: RunResult}] one per replicate
+            policies = {b: [] for b in batches}
+            order = ["none"] + spec_modes
+            for rep in range(args.replicates):
+                engines = {}
                 try:
-                    for mode in spec_modes:
+                    for mode in order[rep % len(order):] + order[:rep % len(order)]:
                         engines[mode] = (start(mode, k), k)
+                    engines = {m: engines[m] for m in order}  # rounds in the usual order (they rotate anyway)
+                    pinned = None if args.no_pin else pin_host_processes()
                     for b in batches:
-                        bar.set_postfix_str(f"{pair} K={k} batch={b}")
+                        bar.set_postfix_str(f"{pair} K={k} batch={b}" + (f" replicate {rep + 1}" if args.replicates > 1
+                                                                          else ""))
                         params = seeded_mix(b, args.seeded, args.max_tokens)
                         res = interleaved_runs(engines, prompts[:b], args.max_tokens, runs=args.runs, warmup=1,
                                                params=params)
                         greedy = [i for i in range(b) if params is None or params[i].temperature == 0.0]
                         outputs_identical &= all([res[m].outputs[i] for i in greedy]
                                                  == [res["none"].outputs[i] for i in greedy] for m in spec_modes)
-                        for r in res.values():
-                            # the no-speculation row is kept per K: timed in the same rounds as that K
-                            rows.append({"pair": pair, "rounds_of_k": k, "prompt_tokens": L, "seeded": args.seeded,
-                                         **r.as_dict()})
-                            if r.mode == "adaptive":
-                                rows[-1]["policy"] = policy_state(engines["adaptive"][0])
-                        bar.update()
+                        per_rep[b].append(res)
+                        if "adaptive" in engines:
+                            policies[b].append(policy_state(engines["adaptive"][0]))
+                        bar.update(1 / args.replicates)
                 finally:
-                    for mode in spec_modes:
-                        if mode in engines:
-                            stop_engine(engines.pop(mode)[0])
-        finally:
-            stop_engine(none)
+                    for mode in list(engines):
+                        stop_engine(engines.pop(mode)[0])
+            for b in batches:
+                for mode in order:
+                    r = merge_results([res[mode] for res in per_rep[b]])
+                    # the no-speculation row is kept per K: timed in the same rounds as that K
+                    rows.append({"pair": pair, "rounds_of_k": k, "prompt_tokens": L, "seeded": args.seeded,
+                                 **r.as_dict(), "host_pinning": pinned,
+                                 "replicate_medians": [res[mode].tokens_per_s for res in per_rep[b]]})
+                    if mode == "adaptive":
+                        rows[-1]["policy"] = policies[b][-1]
+                        rows[-1]["policy_replicates"] = policies[b]
     bar.close()
 
     def find(pair, mode, k, b):
@@ -225,11 +245,17 @@ def main():
                 if "adaptive" in spec_modes and "plugin" in spec_modes:
                     s_["adaptive_over_best"] = tps["adaptive"] / max(n["tokens_per_s"], tps["plugin"])
                     cells.append(f"{s_['adaptive_over_best']:.2f}x")
+                    if args.replicates > 1:  # each replicate's own engines, medians of its rounds
+                        s_["adaptive_over_best_per_replicate"] = [
+                            a / max(x, f) for a, x, f in zip(got["adaptive"]["replicate_medians"],
+                                                             n["replicate_medians"], got["plugin"]["replicate_medians"])]
+                        cells[-1] += " (" + ", ".join(f"{v:.2f}" for v in s_["adaptive_over_best_per_replicate"]) + ")"
                 cells += [f"{got[m]['mean_acceptance_length'] or 0:.2f}" for m in spec_modes]
                 summary.append(s_)
                 table.append("| " + " | ".join(cells) + " |")
     info = machine_info()
-    settings = {"runs": args.runs, "max_tokens": args.max_tokens, "dtype": "float32", "enforce_eager": True,
+    settings = {"runs": args.runs, "replicates": args.replicates, "host_pinned": not args.no_pin,
+                "max_tokens": args.max_tokens, "dtype": "float32", "enforce_eager": True,
                 "tensor_parallel_size": tp,
                 "plugin_compile": "torch.compile, C++ wrapper on CPU", "warmup_runs": 1,
                 "greedy": args.seeded == 0, "seeded_fraction_at_t1": args.seeded,

