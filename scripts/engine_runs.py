@@ -117,7 +117,7 @@ def pin_host_processes(root_pid: int | None = None) -> dict | None:
                 continue
             _set_affinity_all_threads(p.pid, host)
             pinned.append(p.name())
-    except (psutil.Error, OSError):
+    except (psutil.Error, OSError, AttributeError):  # AttributeError: no sched_getaffinity (not Linux)
         return None
     return {"host_cores": sorted(host), "worker_cores": sorted(busy), "pinned": pinned}
 

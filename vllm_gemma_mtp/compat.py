@@ -410,9 +410,9 @@ def patch_plain_steps() -> None:
         if not seeded and not uses_async_scheduling(self) and hasattr(self, "speculative_config"):
             # the runner's own plain branch: its speculative branch, run for nothing here, was ~0.1 ms of a
             # 7 ms step at batch 32 on CPU (numpy per-request arrays, the metadata, a host-to-device copy).
-            # It also fills num_decode_draft_tokens, which only Mamba/GDN attention reads (no Gemma 4 layer);
-            # under async scheduling the runner reads the config for its optimistic lengths, so that keeps
-            # vLLM's path
+            # It also fills num_decode_draft_tokens, which only Mamba/GDN attention reads (no Gemma 4 layer).
+            # Async scheduling keeps vLLM's path: there the scheduler sends placeholder drafts, and this
+            # shortcut was not checked against its optimistic-length bookkeeping
             spec = self.speculative_config
             self.speculative_config = None
             try:
