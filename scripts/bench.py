@@ -147,10 +147,11 @@ def main():
     from transformers import AutoTokenizer
 
     from engine_runs import (SETTLE_S, interleaved_runs, merge_results, pin_host_processes, policy_state,
-                             seeded_mix, start_engine, stop_engine)
+                             seeded_mix, start_engine, stop_engine, unpin_this_process)
     from vllm_gemma_mtp.fixtures import ensure_pair
 
     os.environ["VLLM_GEMMA_MTP_COMPILE"] = "1"
+    all_cores = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     pairs = args.pairs.split(",")
     rows = []
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -179,6 +180,8 @@ def main():
             order = ["none"] + spec_modes
             for rep in range(args.replicates):
                 engines = {}
+                if not args.no_pin and all_cores:
+                    unpin_this_process(all_cores)  # the engines started below must see every core
                 try:
                     for mode in order[rep % len(order):] + order[:rep % len(order)]:
                         engines[mode] = (start(mode, k), k)

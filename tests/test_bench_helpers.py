@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine_runs import RunResult, merge_results, pin_host_processes
+from engine_runs import RunResult, merge_results, pin_host_processes, unpin_this_process
 
 
 def test_merge_results_pools_runs_and_weights_acceptance_by_drafts():
@@ -44,12 +44,10 @@ def test_pin_host_processes_moves_everything_but_workers_off_the_worker_cores():
         assert os.sched_getaffinity(0) == allowed - {worker_core}
         assert os.sched_getaffinity(host.pid) == allowed - {worker_core}
         assert os.sched_getaffinity(worker.pid) == {worker_core}  # the worker keeps its own binding
+        unpin_this_process(allowed)  # what bench.py does before it starts the next engines
+        assert all(os.sched_getaffinity(int(t)) == allowed for t in os.listdir("/proc/self/task"))
     finally:
-        for tid in os.listdir("/proc/self/task"):  # every thread of this test process, as it was
-            try:
-                os.sched_setaffinity(int(tid), allowed)
-            except OSError:
-                pass
+        unpin_this_process(allowed)
         for p in (worker, host):
             p.kill()
             p.wait()
