@@ -146,8 +146,8 @@ class DecayedLeastSquares:
     skip_first: the first sample at each x is not counted. A step at a shape the engine has not run before
     pays one-time costs (oneDNN kernel selection, graph specialisation): the first 20-token verify step after
     a run at batch 1 took 17.3 ms against 8.3-10 ms for the next 75, and 6- and 10-token steps seen once
-    took 22-26 ms against ~8. One such sample turned the per-token cost from 0 to 0.56-0.79 ms, and in one
-    of two runs the chooser stopped drafting at batch 4 for the rest of the run, where fixed K=4 gives 1.4x."""
+    took 22-26 ms against ~8. One such sample turned the per-token cost from 0 to 0.56-0.79 ms, and in 2 of
+    4 runs the chooser held batch 4 plain for most of the run, where fixed K=4 gives 1.4x."""
 
     def __init__(self, n: int, decay: float, ridge: float = 1e-9, nonneg: tuple = (), skip_first: bool = False):
         self.n, self.decay, self.ridge = n, decay, ridge
