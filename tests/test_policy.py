@@ -113,7 +113,7 @@ def test_a_batch_after_batch_one_keeps_drafting_through_its_first_step(seed):
     """After batch 1 drafted K=4 for a while, batch 4 of the same requests' kind starts: its first full-length
     step costs twice what the next ones do. Before, that one sample turned the per-token cost from 0 to
     ~0.6-0.8 ms, the chooser held the batch at 0 (the plain steps that followed could not correct it), and
-    it stayed plain for the rest of the run in one of two runs (adaptive 759 tok/s, fixed K=4 1304, none
+    it stayed plain for most of the run in 2 of 4 runs (one: adaptive 759 tok/s, fixed K=4 1304, none
     920). Costs here are this CPU's (trained pair): plain 5.7 + 0.15/token ms, a drafting step +1.5 ms, a
     round 1.3 + 0.25 K + 0.09 rows*K ms, acceptance 0.75 per position. (Before the fix, 7 of 8 seeds
     drafted in 3-41 of the 100 steps.)"""
