@@ -57,3 +57,16 @@ def test_pin_host_processes_does_nothing_without_workers():
     before = os.sched_getaffinity(0)
     assert pin_host_processes() is None
     assert os.sched_getaffinity(0) == before
+
+
+def test_e2e_per_token_is_latency_over_tokens_of_successful_requests():
+    from bench_online import e2e_per_token
+
+    # a bursty stream and a smooth one of the same length and latency read the same here, whatever TTFT says
+    out = e2e_per_token([0.5, 1.0, 2.0, 9.0], [100, 100, 100, 0], [None, "", None, None])
+    # per request 5, 10 and 20 ms a token; the one with no tokens is left out
+    assert out["median_e2e_ms_per_token"] == pytest.approx(10.0)
+    assert 19.0 < out["p99_e2e_ms_per_token"] <= 20.0
+    failed = e2e_per_token([0.5, 3.0], [100, 100], [None, "Server disconnected"])  # a failed request is left out
+    assert failed["median_e2e_ms_per_token"] == pytest.approx(5.0)
+    assert e2e_per_token([], [], [])["median_e2e_ms_per_token"] is None

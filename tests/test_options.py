@@ -45,3 +45,14 @@ def test_paged_attention_option():
         options.from_env({"VLLM_GEMMA_MTP_PAGED_ATTENTION": "sometimes"})
     with pytest.raises(options.OptionsError, match="contradicts VLLM_GEMMA_MTP_COMPILE=1"):
         options.from_env({"VLLM_GEMMA_MTP_PAGED_ATTENTION": "1", "VLLM_GEMMA_MTP_COMPILE": "1"})
+
+
+def test_trace_option_keeps_the_path_and_checks_its_folder(tmp_path):
+    assert from_env({}).trace == ""
+    p = tmp_path / "Run A" / "Trace.jsonl"
+    p.parent.mkdir()
+    assert from_env({"VLLM_GEMMA_MTP_TRACE": f"  {p}  "}).trace == str(p)  # not lower-cased, trimmed
+    with pytest.raises(OptionsError, match="VLLM_GEMMA_MTP_TRACE=.*does not exist"):
+        from_env({"VLLM_GEMMA_MTP_TRACE": str(tmp_path / "missing" / "t.jsonl")})
+    with pytest.raises(OptionsError, match="VLLM_GEMMA_MTP_TRACE=.*is a folder"):
+        from_env({"VLLM_GEMMA_MTP_TRACE": str(tmp_path)})

@@ -18,6 +18,7 @@ class OptionsError(ValueError):
     pass
 
 
+_PATH = "path"  # a free-form file path (kept as written), or empty
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 # name -> (env var, default, accepted values or None for bool, help)
@@ -41,6 +42,9 @@ _SPEC = {
     "force_v1_runner": ("FORCE_V1_RUNNER", "1", None,
                         "on vLLM >= 0.33 route Gemma 4 MTP through the V1 model runner, where the plugin's "
                         "proposer lives; 0 leaves Model Runner V2 and vLLM's built-in speculator (logged)"),
+    "trace": ("TRACE", "", _PATH,
+              "a file the rank-0 worker appends a JSON line to for every draft-length decision and step-cost "
+              "sample (decision_log.py; read it with scripts/trace_summary.py); empty: off"),
 }
 
 
@@ -53,6 +57,7 @@ class Options:
     adaptive: bool = True
     paged_attention: str = "auto"
     force_v1_runner: bool = True
+    trace: str = ""
 
     @property
     def query_offset(self) -> int:
@@ -70,6 +75,9 @@ def from_env(environ=None) -> Options:
         raise OptionsError(f"unknown vllm-gemma-mtp option {unknown[0]}; known options: {sorted(known)}")
     vals = {}
     for name, (var, default, choices, _) in _SPEC.items():
+        if choices is _PATH:
+            vals[name] = _check_path(PREFIX + var, env.get(PREFIX + var, default).strip())
+            continue
         raw = env.get(PREFIX + var, default).strip().lower()
         if choices is None:
             if raw not in _BOOL:
@@ -85,6 +93,21 @@ def from_env(environ=None) -> Options:
     return Options(**vals)
 
 
+def _check_path(var: str, raw: str) -> str:
+    """A file the plugin will append to: its folder must exist and be writable, and it must not be a folder."""
+    if not raw:
+        return ""
+    path = os.path.abspath(os.path.expanduser(raw))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise OptionsError(f"{var}={raw!r} is a folder; give a file path (it is appended to)")
+    if not os.path.isdir(folder):
+        raise OptionsError(f"{var}={raw!r}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OptionsError(f"{var}={raw!r} is not writable")
+    return path
+
+
 def env_name(option: str) -> str:
     """The variable suffix of an option name (e.g. "adaptive" -> "ADAPTIVE"); OptionsError if unknown."""
     if option not in _SPEC:
@@ -93,4 +116,4 @@ def env_name(option: str) -> str:
 
 
 def help_text() -> str:
-    return "\n".join(f"{PREFIX + v[0]} (default {v[1]}): {v[3]}" for v in _SPEC.values())
+    return "\n".join(f"{PREFIX + v[0]} (default {v[1] or 'empty'}): {v[3]}" for v in _SPEC.values())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_gemma_mtp import __version__, compat, controls
+from vllm_gemma_mtp.decision_log import DecisionLog
 from vllm_gemma_mtp.kv_reader import TargetKVReader, dequantize
 from vllm_gemma_mtp.drafter import FULL, SLIDING, TPShard, draft_greedy, load_drafter, target_store_layers
 from vllm_gemma_mtp.kernels import use_triton
@@ -112,6 +113,8 @@ class GemmaMTPProposer(_Base):
         self._joined: dict = {}  # req_id -> the step it joined the batch
         self._limit: dict = {}  # req_id -> the length it stops at, at the latest (prompt + max_tokens)
         self._last_arrival = 0  # the step the newest request joined
+        self.trace: DecisionLog | None = None  # VLLM_GEMMA_MTP_TRACE (rank 0; opened in load_model)
+        self._traced_held = 0  # stats.held_fast at the last decide line
 
     # ---- lifecycle hooks called by the runner ---------------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -156,6 +159,11 @@ class GemmaMTPProposer(_Base):
         if compile_round:
             self._draft_fn = self._compile_draft_round()
             self.stats.compiled = True
+        if self.options.trace and self.tp_rank == 0:
+            self.trace = DecisionLog(self.options.trace)
+            self.trace.start(self.options.describe(), int(self.speculative_config.num_speculative_tokens),
+                             self.tp_size, self.policy is not None)
+            logger.info("vllm-gemma-mtp: tracing draft-length decisions and step costs to %s", self.options.trace)
         logger.info("vllm-gemma-mtp %s: drafter loaded (%s head, H=%d%s); reads target KV of %s, cache %s, "
                     "%s; tensor parallel rank %d/%d; options: %s", __version__,
                     "centroid" if self.drafter.spec.centroids else "dense", self.drafter.spec.hidden,
@@ -331,6 +339,8 @@ class GemmaMTPProposer(_Base):
         if self.policy is not None:
             self._last_draft = now - t_draft
             self.policy.costs.observe_draft(n_rows, kk, self._last_draft)
+            if self.trace is not None:
+                self.trace.draft(n_rows, kk, self._last_draft)
         st.propose_seconds += now - t0
         self._last_end = now
         if rows is None and all(n == k for n in lengths):
@@ -389,6 +399,8 @@ class GemmaMTPProposer(_Base):
                 ok = dt < 10 * pol.costs.predict_verify(num_tokens, drafts, lagged=True) + 0.05
             if ok:
                 pol.costs.observe_verify(num_tokens, dt, drafts)
+            if self.trace is not None:
+                self.trace.verify(num_tokens, drafts, dt, ok)
 
     def _decide(self, req_ids, P_host, t0, num_tokens, k, drafts) -> list[int]:
         """Learn from what the previous step showed, then choose this step's draft lengths."""
@@ -421,6 +433,14 @@ class GemmaMTPProposer(_Base):
         self.counters.closed_decisions += pol.closed_decisions - closed_before
         self.counters.remeasures += pol.remeasures - remeasures_before
         self._report_costs(dec.lengths, k)
+        if self.trace is not None:
+            ready = pol.costs.ready()
+            self.trace.decide(pol.steps, dec.lengths, dec.reason, pol.closed_decisions > closed_before,
+                              self.stats.held_fast - self._traced_held,
+                              pol.costs.verify_coef() if ready else None, pol.costs.draft_coef() if ready else None,
+                              pol.costs.predict_step(dec.lengths, k if self.stats.compiled else None)
+                              if ready else None)
+            self._traced_held = self.stats.held_fast
         return dec.lengths
 
     def _remaining_if_closed(self, req_ids, P_host) -> list[int] | None:
