@@ -59,14 +59,14 @@ def summarize(lines: list[dict], pid: int | None = None) -> str:
             continue
         text.append("  segments (one batch size each; steps = decisions + held steps):")
         text.append("  steps        batch  steps  drafting  full-K  tokens/req-step  reasons                       "
-                    "verify ms (v0, /token, +drafting)  draft ms (d0, /step, /row-step)")
+                    "verify ms (v0, /request, /token, +drafting)  draft ms (d0, /step, /row-step)")
         for s in segments(dec):
             n = s["decisions"] + s["held"]
             why = ", ".join(f"{k} {v}" for k, v in s["why"].most_common(4))
             v = "-" if s["verify"] is None else ", ".join(f"{c:.3g}" for c in s["verify"])
             dr = "-" if s["draft"] is None else ", ".join(f"{c:.3g}" for c in s["draft"])
             text.append(f"  {s['first_step']:>5}-{s['last_step']:<6} {s['batch']:>5}  {n:>5}  {s['drafting']:>8}  "
-                        f"{s['full']:>6}  {s['drafted'] / max(1, n * s['batch']):>15.2f}  {why:<29} {v:<34} {dr}")
+                        f"{s['full']:>6}  {s['drafted'] / max(1, n * s['batch']):>15.2f}  {why:<29} {v:<44} {dr}")
         ver = collections.defaultdict(list)
         kept = collections.Counter()
         for x in xs:

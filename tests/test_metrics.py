@@ -72,7 +72,7 @@ def test_stat_logger_writes_prometheus_samples():
     c = StepCounters(max_k=3, adaptive=True)
     for lens in ([3, 0], [0, 0], [1, 1]):
         c.record(lens)
-    c.costs = {"verify": [0.01, 1e-4, 2e-3], "draft": [1e-3, 2e-3, 1e-5], "step_estimate": 0.025,
+    c.costs = {"verify": [0.01, 5e-4, 1e-4, 2e-3], "draft": [1e-3, 2e-3, 1e-5], "step_estimate": 0.025,
                "gain_spread": 0.4}
     c.closed_decisions += 2
     c.remeasures += 1
@@ -93,6 +93,8 @@ def test_stat_logger_writes_prometheus_samples():
     assert val("gemma_mtp:closed_batch_decisions_total") == 2 and val("gemma_mtp:remeasure_steps_total") == 1
     assert val("gemma_mtp:gain_spread_tokens") == 0.4
     assert any(ln.startswith('gemma_mtp:verify_cost_seconds{engine="7",model_name="t",term="spec_step"} 0.002')
+               for ln in text.splitlines())
+    assert any(ln.startswith('gemma_mtp:verify_cost_seconds{engine="7",model_name="t",term="per_request"} 0.0005')
                for ln in text.splitlines())
     # the rejection sampler's counts ride along: deltas, merged, summed into counters by label
     c.record([1, 1])

@@ -32,7 +32,7 @@ def test_trace_records_every_decision_and_cost_sample(engine_runs, tmp_path_fact
     assert {x["why"] for x in dec} >= {"calibration", "policy"}
     # the chooser's view is on every line once the cost model is ready
     ready = [x for x in dec if x["verify"] is not None]
-    assert ready and all(len(x["verify"]) == 3 and x["verify"][0] >= 0 and x["est"] > 0 for x in ready)
+    assert ready and all(len(x["verify"]) == 4 and x["verify"][0] >= 0 and x["est"] > 0 for x in ready)
     drafts = [x for x in lines if x["ev"] == "draft"]
     assert len(drafts) == st["rounds"] and all(x["ms"] > 0 and 1 <= x["rows"] <= 8 for x in drafts)
     ver = [x for x in lines if x["ev"] == "verify"]

@@ -11,8 +11,8 @@ worker's process, so the engines of one benchmark can share a file):
 - start: the options, K, tensor-parallel size;
 - decide: `step`, the batch's draft lengths `k` [B], the policy's `why` (calibration, policy, probe,
   explore, remeasure, scripted), `closed` (the batch valued by when it ends), `held` (steps answered by the
-  held all-zero shortcut since the previous decide line), the cost model's `verify` (v0, v1 per token,
-  v2 drafting overhead) and `draft` (d0, d1 per step, d2 per row-step), and `est` its estimate of this step;
+  held all-zero shortcut since the previous decide line), the cost model's `verify` (v0, vr per request
+  beyond the first, vt per token, v2 drafting overhead) and `draft` (d0, d1 per step, d2 per row-step), and `est` its estimate of this step;
 - verify: a step's time as the cost model was offered it (`tokens` scheduled, `drafts` among them, `kept`:
   whether it was fitted: decode steps only, no idle gaps);
 - draft: a draft round's time (`rows` drafting, `len` steps run).

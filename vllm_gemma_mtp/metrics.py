@@ -24,7 +24,7 @@ Metrics (labels model_name, engine, like vLLM's):
                                             where drafting was last timed (policy remeasure)
   gemma_mtp:gain_spread_tokens              between-request spread of the drafting gain (accepted tokens of
                                             a full draft) that closed batches are discounted by
-  gemma_mtp:verify_cost_seconds{term}       the cost model's verify step: fixed, per_token, spec_step
+  gemma_mtp:verify_cost_seconds{term}       the cost model's verify step: fixed, per_request, per_token, spec_step
   gemma_mtp:draft_cost_seconds{term}        its draft round: fixed, per_step, per_row_step
   gemma_mtp:step_seconds_estimate           predicted seconds of the latest step (verify + draft round)
   gemma_mtp:adaptive                        1 when draft lengths are chosen per step, 0 for fixed K
@@ -200,8 +200,9 @@ class _Metrics:
                                   "moved far from where drafting was last timed", labelnames=labels)
         self.spread = Gauge(PREFIX + "gain_spread_tokens", "Between-request spread of the drafting gain that "
                             "closed batches are discounted by", labelnames=labels, **gauge_kw)
-        self.verify = Gauge(PREFIX + "verify_cost_seconds", "Learned verify-step cost: fixed + per_token * "
-                            "tokens + spec_step (when any request drafts)", labelnames=labels + ["term"], **gauge_kw)
+        self.verify = Gauge(PREFIX + "verify_cost_seconds", "Learned verify-step cost: fixed + per_request * "
+                            "(requests - 1) + per_token * tokens + spec_step (when any request drafts)",
+                            labelnames=labels + ["term"], **gauge_kw)
         self.draft = Gauge(PREFIX + "draft_cost_seconds", "Learned draft-round cost: fixed + per_step * K + "
                            "per_row_step * rows * K", labelnames=labels + ["term"], **gauge_kw)
         self.step = Gauge(PREFIX + "step_seconds_estimate", "The cost model's prediction for the latest step",
@@ -261,7 +262,10 @@ def make_stat_logger_class():
             self._l(m.adaptive).set(1.0 if d["adaptive"] else 0.0)
             c = d.get("costs") or {}
             if c:
-                for term, v in zip(("fixed", "per_token", "spec_step"), c["verify"]):
+                # three terms from a worker of an older plugin version (no per-request term)
+                names = ("fixed", "per_request", "per_token", "spec_step") if len(c["verify"]) == 4 else (
+                    "fixed", "per_token", "spec_step")
+                for term, v in zip(names, c["verify"]):
                     self._l(m.verify, term=term).set(v)
                 for term, v in zip(("fixed", "per_step", "per_row_step"), c["draft"]):
                     self._l(m.draft, term=term).set(v)

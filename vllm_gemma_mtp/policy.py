@@ -133,9 +133,12 @@ class PolicyConfig:
     spread_decay: float = 0.99  # per departed request
 
 
+_ROUNDING = 1e-12  # seconds: a coefficient this close below 0 is 0 (rounding in a degenerate solve)
+
+
 class DecayedLeastSquares:
-    """Least squares over features x with exponentially decayed sufficient statistics and a small ridge
-    toward the previous solution's scale (keeps it solvable when recent samples share one x).
+    """Least squares over features x (x[0] = 1, the intercept) with exponentially decayed sufficient statistics
+    and a small ridge on the other coefficients (keeps it solvable when recent samples share one x).
 
     nonneg: coefficients that cannot be negative (a cost per token, a step's fixed cost). They are fitted under
     that constraint, not clipped afterwards: at batch 1 a step is either 1 token without drafts or K+1 tokens
@@ -160,6 +163,33 @@ class DecayedLeastSquares:
         self.seen: set = set()
         self._coef = [0.0] * n
         self._dirty = False
+        # coefficients held at 0 while the samples cannot tell them from the others (the columns' normalised
+        # Gram determinant below identified_tol): see CostModel
+        self.conditional: tuple = ()
+        self.identified_tol = 1e-6
+        self.held: frozenset = frozenset()  # as of the last solve
+
+    def identified(self) -> bool:
+        """Whether the counted samples' columns are linearly independent: the determinant of their Gram
+        matrix scaled to a unit diagonal (1: orthogonal columns, 0: one is a combination of the others)."""
+        n = self.n
+        d = [self.xx[r][r] for r in range(n)]
+        if min(d) <= 0.0:
+            return False
+        a = [[self.xx[r][c] / math.sqrt(d[r] * d[c]) for c in range(n)] for r in range(n)]
+        det = 1.0
+        for col in range(n):  # elimination with partial pivoting (symmetric positive semi-definite)
+            piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+            if abs(a[piv][col]) < 1e-300:
+                return False
+            if piv != col:
+                a[col], a[piv] = a[piv], a[col]
+                det = -det
+            det *= a[col][col]
+            for r in range(col + 1, n):
+                f = a[r][col] / a[col][col]
+                a[r] = [a[r][c] - f * a[col][c] for c in range(n)]
+        return abs(det) >= self.identified_tol
 
     def add(self, x: list[float], y: float) -> None:
         self.count += 1
@@ -194,8 +224,15 @@ class DecayedLeastSquares:
         """The ridge solution with the coefficients outside `free` held at 0 (None: singular)."""
         n = len(free)
         scale = max(self.xx[r][r] for r in range(self.n)) or 1.0
-        a = [[self.xx[r][c] + (self.ridge * scale if r == c else 0.0) for c in free] + [self.xy[r]] for r in free]
-        for col in range(n):  # Gauss-Jordan with partial pivoting; n <= 3
+        # the ridge pulls every coefficient but the first (the intercept) toward 0: where the samples cannot
+        # tell a term from the constant (every recent step at one shape, the older ones decayed away) the
+        # constant takes the step's time and the slopes read 0, so the extrapolation errs cheap and a step at
+        # another shape measures it. A ridge on the intercept too split the time by size instead: after ~2000
+        # plain steps at batch 8 the fit read 0.1 ms fixed + 0.8 ms per token, a K=4 step looked 5x dearer
+        # than it was, and the batch never drafted again to show otherwise
+        a = [[self.xx[r][c] + (self.ridge * scale if r == c and r != 0 else 0.0) for c in free] + [self.xy[r]]
+             for r in free]
+        for col in range(n):  # Gauss-Jordan with partial pivoting; n <= 4
             piv = max(range(col, n), key=lambda r: abs(a[r][col]))
             if abs(a[piv][col]) < 1e-300:
                 return None
@@ -215,20 +252,27 @@ class DecayedLeastSquares:
                 + sum(c[r] * self.xx[r][q] * c[q] for r in range(n) for q in range(n)))
 
     def _solve(self) -> list[float]:
-        full = self._solve_on(list(range(self.n)))
-        if full is not None and all(full[i] >= 0.0 for i in self.nonneg):
+        self.held = frozenset(self.conditional) if self.conditional and not self.identified() else frozenset()
+        base = [r for r in range(self.n) if r not in self.held]
+        full = self._solve_on(base)
+        if full is not None and all(full[i] >= -_ROUNDING for i in self.nonneg):
             return full
         # the constrained optimum has some of the nonneg coefficients at 0: the best feasible fit over the ways
-        # of holding them there (n <= 3: at most 7 small solves, and only when the free fit breaks a bound)
+        # of holding them there (n <= 4: at most 15 small solves, and only when the free fit breaks a bound)
         best = None
-        m = len(self.nonneg)
-        for mask in range(1, 1 << m):
-            held = {self.nonneg[j] for j in range(m) if mask >> j & 1}
-            c = self._solve_on([r for r in range(self.n) if r not in held])
-            if c is None or any(c[i] < 0.0 for i in self.nonneg):
+        nonneg = [i for i in self.nonneg if i not in self.held]
+        m = len(nonneg)
+        # fewest terms held first, the intercept last: on a tie (samples that cannot tell the terms apart) the
+        # earlier wins, so the step's time goes to the constant, not to a slope (see _solve_on's ridge)
+        masks = sorted(range(1, 1 << m), key=lambda mk: (0 in {nonneg[j] for j in range(m) if mk >> j & 1},
+                                                         bin(mk).count("1"), mk))
+        for mask in masks:
+            held = {nonneg[j] for j in range(m) if mask >> j & 1}
+            c = self._solve_on([r for r in base if r not in held])
+            if c is None or any(c[i] < -_ROUNDING for i in self.nonneg):
                 continue
             e = self._sse(c)
-            if best is None or e < best[0]:
+            if best is None or e < best[0] * (1 - 1e-9) - 1e-300:
                 best = (e, c)
         return best[1] if best is not None else (full if full is not None else self._coef)
 
@@ -237,19 +281,36 @@ class DecayedLeastSquares:
 
 
 class CostModel:
-    """Seconds of a verify step by scheduled tokens, and of a draft round by (rows drafted, longest draft)."""
+    """Seconds of a verify step by requests and scheduled tokens, and of a draft round by (rows drafted,
+    longest draft).
+
+    A verify step costs v0 + vr * (requests - 1) + vt * tokens + v2 [anyone drafts]. Requests and tokens are
+    separate terms because a request costs more than its tokens: the scheduler, the sampler and the output
+    path (detokenising, streaming) work per request per step, whatever it verifies. With tokens alone a plain
+    step's growth with the batch was charged to every token: an API server at concurrency 8 (trained pair,
+    this CPU) measured 4.9 ms at 1 request and 6.0 ms at 8, i.e. 0.15 ms a request, against 0.11 ms a draft
+    token from its drafting steps; the one-term fit put a draft token at 0.17 ms, predicted 17.9 ms for the
+    batch at K=4 where 14.7 ms was measured, and the chooser held the batch at 0 drafts for most of the run
+    (0.93x no speculation) where fixed K=4 gave 1.26-1.61x. vr needs two batch sizes timed: at one batch
+    size the requests column is constant, and a fit free to split the step's fixed cost
+    between v0 and vr extrapolates to other sizes at random; and where every step is plain, or drafts the same
+    number of tokens, requests and tokens move together. So vr is fitted only while the samples tell all four
+    terms apart (DecayedLeastSquares.identified), else held at 0: the three-term model."""
 
     def __init__(self, cfg: PolicyConfig):
         self.cfg = cfg
-        # [1, tokens, step carries drafts]: every term a cost, none negative
-        self.verify = DecayedLeastSquares(3, cfg.cost_decay, nonneg=(0, 1, 2), skip_first=True)
+        # [1, requests - 1, tokens, step carries drafts]: every term a cost, none negative
+        self.verify = DecayedLeastSquares(4, cfg.cost_decay, nonneg=(0, 1, 2, 3), skip_first=True)
+        self.verify.conditional = (1,)
         # [1, c, B * c]: the per-row term a cost; the round's fixed and per-step terms may trade off (a compiled
         # round's time is not linear in its length)
         self.draft = DecayedLeastSquares(3, cfg.cost_decay, nonneg=(2,), skip_first=True)
 
     def observe_verify(self, tokens: int, seconds: float, drafts: int = 0) -> None:
-        """A step that scheduled `tokens` tokens, `drafts` of them draft tokens, took `seconds`."""
-        self.verify.add([1.0, float(tokens), 1.0 if drafts > 0 else 0.0], seconds)
+        """A decode step that scheduled `tokens` tokens, `drafts` of them draft tokens (so tokens - drafts
+        requests), took `seconds`."""
+        rows = max(int(tokens) - int(drafts), 1)
+        self.verify.add([1.0, float(rows - 1), float(tokens), 1.0 if drafts > 0 else 0.0], seconds)
 
     def observe_draft(self, rows: int, c: int, seconds: float) -> None:
         self.draft.add([1.0, float(c), float(rows * c)], seconds)
@@ -258,16 +319,21 @@ class CostModel:
         m = self.cfg.min_samples
         return (self.verify.count >= m and len(self.verify.distinct) >= 2 and self.draft.count >= m)
 
-    def verify_coef(self) -> tuple[float, float, float]:
-        v0, v1, v2 = self.verify.coef
-        return max(v0, 0.0), max(v1, 1e-12), max(v2, 0.0)  # a verified token never costs nothing or less
+    def verify_terms(self, lagged: bool = False) -> tuple[float, float, float, float]:
+        """(v0, vr, vt, v2): fixed, per request beyond the first, per token, drafting overhead (seconds)."""
+        v0, vr, vt, v2 = self.verify.last_coef if lagged else self.verify.coef
+        return max(v0, 0.0), max(vr, 0.0), max(vt, 1e-12), max(v2, 0.0)  # a token never costs nothing or less
+
+    def verify_coef(self, rows: int = 1) -> tuple[float, float, float]:
+        """The choosers' view for a batch of `rows` requests: (fixed, per token, drafting overhead)."""
+        v0, vr, vt, v2 = self.verify_terms()
+        return v0 + vr * max(rows - 1, 0), vt, v2
 
     def predict_verify(self, tokens: int, drafts: int = 0, lagged: bool = False) -> float:
-        """lagged: from the coefficients as last solved, without solving (a check that a few samples' lag
-        does not change, made every step)."""
-        v0, v1, v2 = self.verify.last_coef if lagged else self.verify.coef
-        v0, v1, v2 = max(v0, 0.0), max(v1, 1e-12), max(v2, 0.0)
-        return v0 + v1 * tokens + (v2 if drafts > 0 else 0.0)
+        """A decode step of `tokens` tokens, `drafts` of them drafts. lagged: from the coefficients as last
+        solved, without solving (a check that a few samples' lag does not change, made every step)."""
+        v0, vr, vt, v2 = self.verify_terms(lagged)
+        return v0 + vr * max(tokens - drafts - 1, 0) + vt * tokens + (v2 if drafts > 0 else 0.0)
 
     def draft_coef(self) -> tuple[float, float, float]:
         d0, d1, d2 = self.draft.coef
@@ -285,8 +351,9 @@ class CostModel:
         return t
 
     def snapshot(self) -> dict:
-        v0, v1, v2 = self.verify_coef()
-        return {"verify_s_per_step": v0, "verify_s_per_token": v1, "verify_s_spec_overhead": v2,
+        v0, vr, v1, v2 = self.verify_terms()
+        return {"verify_s_per_step": v0, "verify_s_per_request": vr, "verify_s_per_token": v1,
+                "verify_s_spec_overhead": v2,
                 "draft_coef": list(self.draft_coef()),
                 "verify_samples": self.verify.count, "draft_samples": self.draft.count}
 
@@ -692,7 +759,7 @@ class DraftPolicy:
     def _cost_signature(self, B: int) -> tuple[float, ...]:
         """What the cost model predicts for a batch of B: a plain step, what drafting adds per token and per
         step, and a round's terms at full length, all in seconds (compared against a plain step's time)."""
-        v0, v1, v2 = self.costs.verify_coef()
+        v0, v1, v2 = self.costs.verify_coef(B)
         d0, d1, d2 = self.costs.draft_coef()
         K = self.cfg.max_k
         return (v0 + v1 * B, v1 * B * K, v2, d0, d1 * K, d2 * B * K)
@@ -752,11 +819,11 @@ class DraftPolicy:
                     spread = self.acceptance.gain_spread()
                     if spread:
                         rates = slowest_of_batch(rates, [self.acceptance.observed(key) for key in keys], spread, w)
-                    lengths, rate = choose_closed_batch(rates, caps, remaining, self.costs.verify_coef(),
+                    lengths, rate = choose_closed_batch(rates, caps, remaining, self.costs.verify_coef(len(keys)),
                                                         self.costs.draft_coef(), K, round_len)
                     self.closed_decisions += 1
                 else:
-                    lengths, rate = choose_draft_lengths(rates, caps, self.costs.verify_coef(),
+                    lengths, rate = choose_draft_lengths(rates, caps, self.costs.verify_coef(len(keys)),
                                                          self.costs.draft_coef(), K, round_len, self.cfg.max_slowdown)
                 self._zero_answer = (None if any(lengths) else
                                      (sig, self.steps, rate, self._cost_signature(len(keys))))

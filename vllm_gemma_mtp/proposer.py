@@ -81,6 +81,8 @@ class ProposerStats:
 
 class GemmaMTPProposer(_Base):
     plugin_name = "vllm-gemma-mtp"
+    trace: DecisionLog | None = None  # VLLM_GEMMA_MTP_TRACE (rank 0; opened in load_model)
+    _traced_held = 0  # stats.held_fast at the last decide line
 
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
@@ -113,8 +115,6 @@ class GemmaMTPProposer(_Base):
         self._joined: dict = {}  # req_id -> the step it joined the batch
         self._limit: dict = {}  # req_id -> the length it stops at, at the latest (prompt + max_tokens)
         self._last_arrival = 0  # the step the newest request joined
-        self.trace: DecisionLog | None = None  # VLLM_GEMMA_MTP_TRACE (rank 0; opened in load_model)
-        self._traced_held = 0  # stats.held_fast at the last decide line
 
     # ---- lifecycle hooks called by the runner ---------------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -437,7 +437,7 @@ class GemmaMTPProposer(_Base):
             ready = pol.costs.ready()
             self.trace.decide(pol.steps, dec.lengths, dec.reason, pol.closed_decisions > closed_before,
                               self.stats.held_fast - self._traced_held,
-                              pol.costs.verify_coef() if ready else None, pol.costs.draft_coef() if ready else None,
+                              pol.costs.verify_terms() if ready else None, pol.costs.draft_coef() if ready else None,
                               pol.costs.predict_step(dec.lengths, k if self.stats.compiled else None)
                               if ready else None)
             self._traced_held = self.stats.held_fast
@@ -463,7 +463,7 @@ class GemmaMTPProposer(_Base):
         pol = self.policy
         if pol.costs.ready():
             est = pol.costs.predict_step(lengths, k if self.stats.compiled else None)
-            self.counters.costs = {"verify": list(pol.costs.verify_coef()), "draft": list(pol.costs.draft_coef()),
+            self.counters.costs = {"verify": list(pol.costs.verify_terms()), "draft": list(pol.costs.draft_coef()),
                                    "step_estimate": est, "gain_spread": pol.acceptance.gain_spread()}
 
     def _batch_changed(self, keys: tuple, k: int) -> None:
