@@ -12,7 +12,8 @@ worker's process, so the engines of one benchmark can share a file):
 - decide: `step`, the batch's draft lengths `k` [B], the policy's `why` (calibration, policy, probe,
   explore, remeasure, scripted), `closed` (the batch valued by when it ends), `held` (steps answered by the
   held all-zero shortcut since the previous decide line), the cost model's `verify` (v0, vr per request
-  beyond the first, vt per token, v2 drafting overhead) and `draft` (d0, d1 per step, d2 per row-step), and `est` its estimate of this step;
+  beyond the first, vt per token, v2 drafting overhead) and `draft` (d0, d1 per step, d2 per row-step), and
+  `est` its estimate of this step;
 - verify: a step's time as the cost model was offered it (`tokens` scheduled, `drafts` among them, `kept`:
   whether it was fitted: decode steps only, no idle gaps);
 - draft: a draft round's time (`rows` drafting, `len` steps run).
@@ -52,12 +53,6 @@ class DecisionLog:
 
     def draft(self, rows: int, length: int, seconds: float) -> None:
         self._write("draft", rows=int(rows), len=int(length), ms=round(seconds * 1e3, 4))
-
-    def close(self) -> None:
-        try:
-            self._f.close()
-        except OSError:
-            pass
 
 
 def _ms(coefs):
